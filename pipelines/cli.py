@@ -1,0 +1,125 @@
+"""The ``lorelay`` command line.
+
+Each subcommand parses its arguments here and hands off to the module that does the work; heavy
+imports (torch, transformers) happen only inside those, so ``lorelay --help`` and
+``lorelay data check`` stay fast. A ``LorelayError`` (bad input) prints one clear line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STAGES = ("cpt", "sft", "rm", "dpo")
+
+
+def _stage_parser(sub, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text,
+                            description=f"{help_text} Overrides are dotted keys, e.g. training.learning_rate=1e-4; "
+                                        "adapter=PATH starts from a saved adapter.")
+    parser.add_argument("--config", required=False, help=f"YAML recipe (e.g. configs/{name}.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorelay", description="Fine-tune LLMs: CPT -> SFT -> RM -> DPO over one shared QLoRA base.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _stage_parser(sub, "cpt", "Continued pretraining on raw text.")
+    _stage_parser(sub, "sft", "Supervised fine-tuning with chat templates.")
+    _stage_parser(sub, "rm", "Train a reward model (LoRA + score head).")
+    _stage_parser(sub, "dpo", "Preference optimisation (DPO, ORPO, KTO) from an SFT adapter.")
+
+    run = sub.add_parser("run", help="Run a pipeline of stages from a YAML file.")
+    run.add_argument("pipeline", help="configs/pipelines/NAME.yaml")
+    run.add_argument("overrides", nargs="*", metavar="stage.key=value")
+    run.add_argument("--run-dir", help="where the run lives (default: from the pipeline file)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
+
+    status = sub.add_parser("status", help="Show the stages, cache keys and metrics of a run.")
+    status.add_argument("run_dir")
+
+    chat = sub.add_parser("chat", help="Talk to a trained policy (a stage or run directory).")
+    chat.add_argument("target", help="stage output directory or run directory")
+    chat.add_argument("--prompt", help="one-shot: print the reply to this prompt and exit")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+
+    data = sub.add_parser("data", help="Data tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="Validate a data file without training.")
+    check.add_argument("file")
+    check.add_argument("--format", default="auto")
+    check.add_argument("--kind", default="sft", choices=["sft", "text", "preference", "kto"])
+    check.add_argument("--model", default=None, help="tokenizer for length statistics (default: embedded model)")
+
+    push = sub.add_parser("push", help="Upload an adapter (or merged model) with a model card to the Hub.")
+    push.add_argument("target", help="stage output directory or run directory")
+    push.add_argument("--repo", required=True, help="OWNER/NAME")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None)
+    push.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
+    push.add_argument("--dry-run", action="store_true", help="print files and model card; no network")
+
+    merge = sub.add_parser("merge", help="Merge an adapter into an unquantized copy of its base.")
+    merge.add_argument("target", help="stage output directory")
+    merge.add_argument("--out", required=True)
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command in STAGES:
+        from pipelines.single import run_stage_command
+
+        return run_stage_command(args.command, args.config, args.overrides, resume=args.resume,
+                                 help_config=args.help_config)
+    if args.command == "run":
+        from pipelines.runner import run_command
+
+        return run_command(args.pipeline, args.overrides, run_dir=args.run_dir, force=args.force)
+    if args.command == "status":
+        from pipelines.runner import status_command
+
+        return status_command(args.run_dir)
+    if args.command == "chat":
+        from pipelines.chat import chat_command
+
+        return chat_command(args.target, prompt=args.prompt, system=args.system,
+                            max_new_tokens=args.max_new_tokens)
+    if args.command == "data":
+        from pipelines.data_check import check_command
+
+        return check_command(args.file, data_format=args.format, kind=args.kind, model=args.model)
+    if args.command == "push":
+        from pipelines.hub import push_command
+
+        return push_command(args.target, repo=args.repo, private=args.private, revision=args.revision,
+                            merged=args.merged, dry_run=args.dry_run)
+    if args.command == "merge":
+        from pipelines.hub import merge_command
+
+        return merge_command(args.target, out=args.out)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    from stages.errors import LorelayError
+
+    try:
+        return dispatch(args)
+    except LorelayError as err:
+        print(f"lorelay: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorelay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

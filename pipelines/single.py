@@ -1,0 +1,83 @@
+"""Running one stage from the command line: ``lorelay sft --config configs/sft.yaml key=value``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from stages.config import describe, load_config
+from stages.errors import LorelayError
+
+# stage name -> (module, config class). The pipeline runner uses the same table.
+STAGES = {
+    "cpt": ("stages.cpt", "CPTConfig"),
+    "sft": ("stages.sft", "SFTConfig"),
+    "rm": ("stages.reward", "RewardConfig"),
+    "dpo": ("stages.dpo", "DPOConfig"),
+}
+
+
+def stage_entry(name: str):
+    """(module, config class) of a stage."""
+    module_name, class_name = STAGES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, class_name)
+
+
+def split_adapter(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``adapter=PATH`` out of the overrides: it names the incoming adapter, not a config key."""
+    adapter, rest = None, []
+    for item in overrides:
+        if item.startswith("adapter="):
+            adapter = item.partition("=")[2] or None
+        else:
+            rest.append(item)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+        raise LorelayError("not an adapter directory (no adapter_config.json)", file=adapter, field="adapter")
+    return adapter, rest
+
+
+def run_stage_command(name: str, config_path: str | None, overrides: list[str], *, resume: bool = False,
+                      help_config: bool = False) -> int:
+    from stages.modeling import load_base
+
+    module, config_class = stage_entry(name)
+    if help_config:
+        print_config_help(config_class)
+        return 0
+    adapter, overrides = split_adapter(list(overrides))
+    if resume:
+        overrides.append("training.resume=true")
+    config = load_config(config_class, config_path, overrides)
+    base = load_base(config.model)
+    output_dir = module.run(config, base, adapter=adapter)
+    print_stage_summary(name, output_dir)
+    return 0
+
+
+def print_config_help(config_class) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=config_class.__name__, show_lines=False)
+    for column in ("key", "default", "help"):
+        table.add_column(column)
+    for key, default, help_text in describe(config_class):
+        table.add_row(key, default, help_text)
+    Console().print(table)
+
+
+def print_stage_summary(name: str, output_dir: Path) -> None:
+    """A final table of the headline metrics of a finished stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+    table = Table(title=f"{name} finished: {output_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)

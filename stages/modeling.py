@@ -1,0 +1,322 @@
+"""Loading the one shared base model, and putting LoRA adapters on and off it.
+
+A pipeline loads its base once. Each stage wraps that same object in a PEFT adapter, trains, saves
+the adapter, and unwraps it again (``peft.unload`` removes the LoRA layers without merging), so the
+next stage finds the base as it was loaded. The reward model's score head is a small module put on
+the same backbone modules (``sequence_classifier``): no stage ever holds a second copy of the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from stages.config import field
+from stages.default_model import DEFAULT_MODEL, resolve_model_path
+from stages.errors import ConfigError, LorelayError
+
+Quantization = Literal["auto", "4bit", "8bit", "none"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = field(16, help="LoRA rank.")
+    alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = field(0.05, help="Dropout on the LoRA input.")
+    target_modules: list[str] | str = field("all-linear",
+                                            help="Module names to adapt, or 'all-linear' (every linear layer but the LM head).")
+    modules_to_save: list[str] = field(default_factory=list,
+                                       help="Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head].")
+    use_rslora: bool = field(False, help="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = field(False, help="Weight-decomposed LoRA (slower, sometimes better).")
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError("must be a positive integer", field="r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("must be in [0, 1)", field="dropout")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = field(DEFAULT_MODEL, help="Hub id, local directory, or 'embedded:smollm2-135m-instruct' (bundled).")
+    revision: str | None = field(None, help="Hub revision (branch, tag or commit) when `name` is a Hub id.")
+    quantization: Quantization = field("auto", help="auto: 4-bit NF4 on CUDA, none on CPU.")
+    dtype: DType = field("auto", help="Weights/compute dtype. auto: bfloat16 on CUDA with bf16 support, else float32.")
+    attn_implementation: Attention = field("auto", help="auto: flash_attention_2 when installed on CUDA, else sdpa.")
+    activation_checkpointing: bool | Literal["auto"] = field(
+        "auto", help="Recompute activations in backward to save memory. auto: on with CUDA, off on CPU (where it only costs time).")
+    chat_template: Path | None = field(None, help="Jinja file that replaces the tokenizer's chat template.")
+    trust_remote_code: bool = field(False, help="Run model code from the checkpoint's repository. Off unless you trust it.")
+    allow_pickle_weights: bool = field(False, help="Load .bin/.pt weights (pickle). Refused by default: safetensors only.")
+
+
+@dataclasses.dataclass
+class Base:
+    """The loaded base model and what later code needs to know about it."""
+
+    model: Any                  # transformers PreTrainedModel; never a PeftModel between stages
+    tokenizer: Any
+    config: ModelConfig
+    path: str                   # resolved local directory or Hub id
+    fingerprint: str            # hash of the weight files (or id@revision for the Hub)
+    device: str
+    dtype: Any
+    quantization: str           # effective: "4bit" | "8bit" | "none"
+    attn_implementation: str
+    activation_checkpointing: bool
+    template_source: str = "tokenizer"
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving "auto" settings
+# ----------------------------------------------------------------------------------------------
+
+def local_device() -> str:
+    """This process's device: its local GPU under `accelerate launch`, else cuda:0, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_settings(config: ModelConfig, device: str) -> tuple[str, Any, str, bool]:
+    """(quantization, torch dtype, attention implementation, activation checkpointing) for ``device``."""
+    import torch
+
+    on_cuda = device.startswith("cuda")
+    quantization = config.quantization
+    if quantization == "auto":
+        quantization = "4bit" if on_cuda else "none"
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    attention = config.attn_implementation
+    if attention == "auto":
+        attention = "flash_attention_2" if on_cuda and _flash_attn_installed() else "sdpa"
+    if attention == "flash_attention_2" and not on_cuda:
+        raise ConfigError("flash_attention_2 needs a CUDA device", field="model.attn_implementation",
+                          hint="use sdpa or auto")
+    checkpointing = config.activation_checkpointing
+    if checkpointing == "auto":
+        checkpointing = on_cuda
+    return quantization, dtype, attention, bool(checkpointing)
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from stages.chat import ensure_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+    except OSError as err:
+        raise LorelayError(f"cannot load a tokenizer from '{path}': {err}", field="model.name") from None
+    if tokenizer.pad_token is None:
+        # Padding is only used for generation batches; EOS as pad is the common safe choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    source = ensure_chat_template(tokenizer, config.chat_template)
+    return tokenizer, source
+
+
+def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
+    """Load the base model once, quantized as configured, ready for adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or local_device()
+    quantization, dtype, attention, checkpointing = resolve_settings(config, device)
+    path = resolve_model_path(config.name)
+    if config.trust_remote_code:
+        warnings.warn(f"trust_remote_code is on: code from '{path}' will run on this machine.", stacklevel=2)
+    use_safetensors = _check_weight_format(path, config)
+    tokenizer, template_source = load_tokenizer(path, config)
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, revision=config.revision,
+                                  trust_remote_code=config.trust_remote_code, use_safetensors=use_safetensors)
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        # QLoRA under DDP: every rank loads its own copy onto its own device, never device_map="auto".
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise LorelayError(f"cannot load model '{path}': {err}", field="model.name") from None
+    if quantization == "none":
+        model.to(device)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return Base(model=model, tokenizer=tokenizer, config=config, path=path,
+                fingerprint=fingerprint(path, config.revision), device=device, dtype=dtype,
+                quantization=quantization, attn_implementation=attention,
+                activation_checkpointing=checkpointing, template_source=template_source)
+
+
+def bnb_config(quantization: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Storage dtype equal to the compute dtype lets FSDP shard the packed 4-bit weights with the rest.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+
+
+def _check_weight_format(path: str, config: ModelConfig) -> bool:
+    """True to load safetensors only; refuse a local pickle checkpoint unless allowed."""
+    local = Path(path)
+    if not local.exists():
+        return not config.allow_pickle_weights
+    if not local.is_dir():
+        raise LorelayError("expected a model directory", file=local, field="model.name")
+    has_safetensors = any(local.glob("*.safetensors"))
+    has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth"))
+    if not has_safetensors and has_pickle and not config.allow_pickle_weights:
+        raise LorelayError("this checkpoint has only pickle weights (.bin/.pt), which can run code when loaded",
+                           file=local, field="model.name",
+                           hint="convert it to safetensors, or set model.allow_pickle_weights: true if you trust it")
+    if not has_safetensors and not has_pickle:
+        raise LorelayError("no weight files (*.safetensors) in this directory", file=local, field="model.name")
+    return not (config.allow_pickle_weights and not has_safetensors)
+
+
+def fingerprint(path: str, revision: str | None = None) -> str:
+    """A short content hash of a local checkpoint's weights, or the Hub id and revision."""
+    local = Path(path)
+    if not local.is_dir():
+        return f"{path}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in sorted(local.glob("*.safetensors")) + sorted(local.glob("config.json")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}".encode())
+        with open(file, "rb") as handle:
+            # Head and tail of each file: cheap for multi-GB shards, and any re-save changes them.
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, stat.st_size - (1 << 20)))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters
+# ----------------------------------------------------------------------------------------------
+
+TaskType = Literal["causal", "seq_cls"]
+
+
+def lora_config(lora: LoraSettings, task: TaskType = "causal", *, extra_modules_to_save: list[str] = ()):
+    from peft import LoraConfig, TaskType as PeftTask
+
+    modules_to_save = list(dict.fromkeys([*lora.modules_to_save, *extra_modules_to_save])) or None
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, modules_to_save=modules_to_save,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias="none",
+                      task_type=PeftTask.SEQ_CLS if task == "seq_cls" else PeftTask.CAUSAL_LM)
+
+
+def settings_from_adapter(adapter_dir: str | Path) -> LoraSettings:
+    """The LoRA shape of a saved adapter, so a stage continuing it builds the same layers."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.exists():
+        raise LorelayError("not an adapter directory (no adapter_config.json)", file=adapter_dir)
+    saved = json.loads(config_path.read_text())
+    targets = saved.get("target_modules") or "all-linear"
+    return LoraSettings(r=saved["r"], alpha=int(saved["lora_alpha"]), dropout=saved.get("lora_dropout", 0.0),
+                        target_modules=sorted(targets) if isinstance(targets, list) else targets,
+                        modules_to_save=list(saved.get("modules_to_save") or []),
+                        use_rslora=bool(saved.get("use_rslora")), use_dora=bool(saved.get("use_dora")))
+
+
+def attach_adapter(model, lora: LoraSettings, *, init_from: str | Path | None = None,
+                   task: TaskType = "causal", adapter_name: str = "default",
+                   extra_modules_to_save: list[str] = ()):
+    """Wrap ``model`` in a trainable LoRA adapter, optionally starting from a saved adapter's weights.
+
+    Starting from a saved adapter keeps that adapter's shape (its r, alpha and targets win over
+    ``lora``), so an SFT adapter continues into DPO or becomes the reward model's backbone adapter.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if init_from is not None:
+        lora = settings_from_adapter(init_from)
+    peft_model = get_peft_model(model, lora_config(lora, task, extra_modules_to_save=extra_modules_to_save),
+                                adapter_name=adapter_name)
+    if init_from is not None:
+        weights = load_peft_weights(str(init_from), device=str(next(model.parameters()).device))
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        missing_lora = [k for k in result.missing_keys if "lora_" in k]
+        if missing_lora:
+            raise LorelayError(f"adapter does not fit this base model ({len(missing_lora)} LoRA weights missing, "
+                               f"e.g. {missing_lora[0]})", file=init_from)
+    return peft_model
+
+
+def detach_adapter(peft_model):
+    """Remove every LoRA layer and return the bare base model, unchanged by the stage."""
+    return peft_model.unload()
+
+
+def sequence_classifier(model, tokenizer, *, num_labels: int = 1):
+    """A sequence-classification model whose backbone *is* ``model``'s backbone (shared modules).
+
+    The classification wrapper is built on the meta device, so only the new score head allocates
+    memory; the decoder layers are the very modules of the causal LM already in memory.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.num_labels = num_labels
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    prefix = classifier.base_model_prefix
+    setattr(classifier, prefix, getattr(model, model.base_model_prefix))
+    backbone_param = next(model.parameters())
+    head_dtype = backbone_param.dtype if backbone_param.dtype.is_floating_point else torch.float32
+    classifier.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False,
+                                       device=backbone_param.device, dtype=head_dtype)
+    torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))
+    for attr in ("is_quantized", "hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            setattr(classifier, attr, getattr(model, attr))
+    return classifier
+
+
+def parameter_storage(model) -> set[int]:
+    """Distinct storage addresses of every parameter and buffer: equal sets mean shared weights."""
+    pointers = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        pointers.add(tensor.untyped_storage().data_ptr())
+    return pointers

@@ -1,0 +1,142 @@
+"""Supervised fine-tuning with chat templates: TRL's SFTTrainer over a LoRA adapter on the shared base.
+
+This recipe supports:
+- any chat template: the loss mask comes from ``stages.chat.assistant_mask`` (no ``{% generation %}``
+  markers needed), so only assistant replies and their end-of-turn token are learned;
+- every data format in ``stages.data`` (messages, ShareGPT, Alpaca, prompt/completion, text), mixed;
+- padding-free batches by default: samples are concatenated with position ids that restart per
+  sample, so no compute is spent on padding and samples do not attend to each other (sdpa, eager and
+  flash-attention all honour this; see docs/architecture.md). ``packed`` fills fixed-size rows, and
+  ``padded`` pads to the longest sample of each batch for attention kernels that need a mask;
+- QLoRA (4-bit base) on CUDA, fp32 LoRA on CPU, an incoming adapter to continue (e.g. from CPT).
+
+Output directory: adapter, tokenizer with chat template, metrics.json, samples.json (greedy replies to
+held-out prompts before and after training), manifest.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+from stages.config import field
+from stages.data import DatasetSpec, load_mixture
+from stages.errors import ConfigError, DataError
+from stages.evaluation import sample_generations
+from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.tokenize import tokenize_records
+from stages.training import (StageOutput, TrainingConfig, callbacks, is_main_process, last_checkpoint,
+                             perplexity, quiet_trainer, trainable_parameters, trainer_args)
+
+
+@dataclasses.dataclass
+class SFTData:
+    datasets: list[DatasetSpec] = field(default_factory=list, help="Training datasets, mixed by weight or sample count.")
+    eval_datasets: list[DatasetSpec] = field(default_factory=list, help="Held-out datasets; when empty, eval_ratio splits the training mix.")
+    eval_ratio: float = field(0.05, help="Fraction of the training mix held out for evaluation (seeded).")
+    max_length: int | None = field(2048, help="Samples longer than this are truncated (and counted); None keeps all.")
+    truncation_side: Literal["right", "left"] = field("right", help="right keeps the start of a long sample, left its end.")
+    assistant_only_loss: bool = field(True, help="Loss on assistant replies only (any chat template).")
+    batching: Literal["padding_free", "packed", "padded"] = field(
+        "padding_free", help="padding_free: concatenate samples per batch; packed: fill max_length rows; padded: pad per batch.")
+    skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
+    sample_prompts: int = field(4, help="Held-out prompts answered before and after training (samples.json).")
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ConfigError("must be in [0, 1)", field="eval_ratio")
+        if self.batching == "packed" and self.max_length is None:
+            raise ConfigError("packed batches need a max_length (the row size)", field="max_length")
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, help="Base model (ignored inside a pipeline, which shares its base).")
+    lora: LoraSettings = field(default_factory=LoraSettings, help="Adapter shape (an incoming adapter's shape wins).")
+    data: SFTData = field(default_factory=SFTData, help="Datasets and how they become batches.")
+    training: TrainingConfig = field(default_factory=TrainingConfig, help="Optimisation and output settings.")
+    sample_max_new_tokens: int = field(48, help="Length of the before/after sample replies.")
+
+    def __post_init__(self):
+        if not self.data.datasets:
+            raise ConfigError("at least one training dataset is needed", field="data.datasets")
+
+
+def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Path:
+    """Train an SFT adapter on ``base`` (continuing ``adapter`` if given); return the output directory."""
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    training, data = config.training, config.data
+    output = StageOutput(training.output_dir, stage="sft", resume=training.resume)
+
+    # ---- data: load, validate, mix, split, tokenize with assistant masks -----------------------
+    started = time.time()
+    mixture = load_mixture(data.datasets, kind="sft", seed=training.seed, eval_ratio=data.eval_ratio,
+                           eval_specs=data.eval_datasets or None, skip_invalid=data.skip_invalid)
+    tokenize = dict(max_length=data.max_length, assistant_only=data.assistant_only_loss,
+                    truncation_side=data.truncation_side)
+    train_columns, train_report = tokenize_records(base.tokenizer, mixture.train, **tokenize)
+    eval_columns, eval_report = tokenize_records(base.tokenizer, mixture.eval, **tokenize)
+    if not train_columns["input_ids"]:
+        raise DataError("no training sample has a loss-bearing token left", hint="raise data.max_length")
+    train_dataset = Dataset.from_dict(train_columns)
+    eval_dataset = Dataset.from_dict(eval_columns) if eval_columns["input_ids"] else None
+    held_out = [r for r in mixture.eval if "messages" in r][:data.sample_prompts]
+    output.mark("data", started)
+
+    # ---- model: a LoRA adapter on the shared base ------------------------------------------------
+    model = attach_adapter(base.model, config.lora, init_from=adapter)
+    try:
+        before = sample_generations(model, base.tokenizer, held_out, count=data.sample_prompts,
+                                    max_new_tokens=config.sample_max_new_tokens)
+
+        # ---- train --------------------------------------------------------------------------------
+        started = time.time()
+        args = trainer_args(
+            TRLSFTConfig, training, base, output.work_dir, has_eval=eval_dataset is not None,
+            # Truncation already happened above (and was counted); padding-free needs max_length=None.
+            max_length=data.max_length if data.batching == "packed" else None,
+            padding_free=data.batching == "padding_free",
+            packing=data.batching == "packed", packing_strategy="bfd",
+            completion_only_loss=False,
+        )
+        trainer = quiet_trainer(SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=base.tokenizer,
+                             callbacks=callbacks(training, has_eval=eval_dataset is not None, title="sft")))
+        resume_from = last_checkpoint(output.work_dir) if training.resume else None
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        output.mark("train", started)
+
+        # ---- evaluate -----------------------------------------------------------------------------
+        started = time.time()
+        metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+                   "steps": trainer.state.global_step}
+        if eval_dataset is not None:
+            eval_metrics = trainer.evaluate()
+            metrics["eval_loss"] = eval_metrics["eval_loss"]
+            metrics["eval_perplexity"] = perplexity(eval_metrics["eval_loss"])
+        after = sample_generations(model, base.tokenizer, held_out, count=data.sample_prompts,
+                                   max_new_tokens=config.sample_max_new_tokens)
+        trainable, total = trainable_parameters(model)
+        metrics.update(trainable_parameters=trainable, total_parameters=total,
+                       data={"train": train_report.summary(), "eval": eval_report.summary(),
+                             "datasets": mixture.report})
+        output.mark("evaluate", started)
+
+        # ---- save ---------------------------------------------------------------------------------
+        if is_main_process():
+            model.save_pretrained(output.staging, safe_serialization=True)
+            base.tokenizer.save_pretrained(output.staging)
+            output.write_json("metrics.json", {**metrics, "log_history": trainer.state.log_history})
+            output.write_json("samples.json", [{"prompt": b["prompt"], "reference": b["reference"],
+                                                "before": b["generated"], "after": a["generated"]}
+                                               for b, a in zip(before, after)])
+            output.commit(config=config, base=base, data_hashes=mixture.data_hashes, metrics=metrics)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        detach_adapter(model)
+    return output.output_dir

@@ -1,0 +1,76 @@
+"""Typed configs: unknown keys, wrong types and bad YAML are named by file, line and key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from stages.config import describe, field, load_config, to_dict
+from stages.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Inner:
+    rate: float = field(1e-3, help="a rate")
+    steps: int = field(10, help="steps")
+    mode: str = field("fast", help="mode")
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = field("x", help="a name")
+    inner: Inner = field(default_factory=Inner, help="inner section")
+    tags: list[str] = field(default_factory=list, help="tags")
+    path: Path | None = field(None, help="a path")
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_build_typed_config(tmp_path):
+    path = write(tmp_path, "name: run\ninner:\n  rate: 2e-4\n  steps: 5\ntags: [a, b]\npath: some/dir\n")
+    config = load_config(Outer, path, ["inner.steps=7", "inner.mode=slow"])
+    assert config.inner.rate == pytest.approx(2e-4)
+    assert config.inner.steps == 7 and config.inner.mode == "slow"
+    assert config.tags == ["a", "b"] and config.path == Path("some/dir")
+    assert to_dict(config)["path"] == "some/dir"
+
+
+def test_unknown_key_names_line_and_suggests(tmp_path):
+    path = write(tmp_path, "name: run\ninner:\n  rate: 1e-4\n  stpes: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, path)
+    message = str(err.value)
+    assert f"{path}:4" in message and "inner.stpes" in message and "did you mean 'steps'" in message
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, "inner:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2 field 'inner.steps': expected an integer"):
+        load_config(Outer, path)
+
+
+def test_unknown_override_key_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'rate'"):
+        load_config(Outer, None, ["inner.rat=3"])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write(tmp_path, "name: run\ninner: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(Outer, path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_describe_lists_nested_keys_with_help():
+    rows = {key: help_text for key, _, help_text in describe(Outer)}
+    assert rows["inner.rate"] == "a rate" and "tags" in rows
