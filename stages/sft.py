@@ -27,7 +27,7 @@ from stages.errors import ConfigError, DataError
 from stages.evaluation import sample_generations
 from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.tokenize import tokenize_records
-from stages.training import (StageOutput, TrainingConfig, callbacks, is_main_process, last_checkpoint,
+from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
                              perplexity, quiet_trainer, trainable_parameters, trainer_args)
 
 
@@ -95,7 +95,6 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
                                     max_new_tokens=config.sample_max_new_tokens)
 
         # ---- train --------------------------------------------------------------------------------
-        started = time.time()
         args = trainer_args(
             TRLSFTConfig, training, base, output.work_dir, has_eval=eval_dataset is not None,
             # Truncation already happened above (and was counted); padding-free needs max_length=None.
@@ -107,9 +106,7 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
         trainer = quiet_trainer(SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                              processing_class=base.tokenizer,
                              callbacks=callbacks(training, has_eval=eval_dataset is not None, title="sft")))
-        resume_from = last_checkpoint(output.work_dir) if training.resume else None
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        output.mark("train", started)
+        result = fit(trainer, output, training)
 
         # ---- evaluate -----------------------------------------------------------------------------
         started = time.time()

@@ -175,6 +175,19 @@ def quiet_trainer(trainer):
     return trainer
 
 
+def fit(trainer, output: "StageOutput", training: TrainingConfig):
+    """Run ``trainer.train`` for a stage: resume from the last checkpoint when asked.
+
+    Every stage trains through here, so resuming, interruption handling and the numerical guard
+    behave the same in all of them.
+    """
+    started = time.time()
+    resume_from = last_checkpoint(output.work_dir) if training.resume else None
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    output.mark("train", started)
+    return result
+
+
 def last_checkpoint(work_dir: Path) -> str | None:
     """The newest complete checkpoint under ``work_dir/checkpoints``, for resuming."""
     from transformers.trainer_utils import get_last_checkpoint
