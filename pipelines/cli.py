@@ -2,7 +2,8 @@
 
 Each subcommand parses its arguments here and hands off to the module that does the work; heavy
 imports (torch, transformers) happen only inside those, so ``lorelay --help`` and
-``lorelay data check`` stay fast. A ``LorelayError`` (bad input) prints one clear line and exits 2.
+``lorelay data check`` stay fast. A ``LorelayError`` (bad input) prints one clear line and exits 2;
+an interrupted stage (``stages.training.Interrupted``) says how to resume and exits 130.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except LorelayError as err:
-        print(f"lorelay: error: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)  # 130 for an interrupted stage, which is not an error
+        print(f"lorelay: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("lorelay: interrupted", file=sys.stderr)
         return 130

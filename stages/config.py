@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from stages.errors import ConfigError, did_you_mean
+from stages.errors import ConfigError, closest, did_you_mean
 
 T = TypeVar("T")
 
@@ -65,7 +65,11 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], _LineMap]:
     """Parse a YAML mapping and the line of each key; errors name the file and line."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError("config file not found", file=path)
+        hint = None
+        if path.parent.is_dir():
+            guess = closest(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
+            hint = f"did you mean '{path.parent / guess}'?" if guess else None
+        raise ConfigError("config file not found", file=path, hint=hint)
     if path.is_dir():
         raise ConfigError("expected a YAML file, found a directory", file=path)
     try:
@@ -174,6 +178,10 @@ class _Builder:
             options = get_args(tp)
             if value is None and type(None) in options:
                 return None
+            # A value whose own type is one of the options stays as it is ("all-linear" for list[str] | str).
+            exact = [o for o in options if o in (str, int, float, bool) and type(value) is o]
+            if exact:
+                return value
             errors = []
             for option in options:
                 if option is type(None):

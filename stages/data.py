@@ -87,6 +87,9 @@ DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 
 UTF8_BOM = b"\xef\xbb\xbf"
 
+# A longer line is refused (a skippable row fault), so memory stays bounded whatever the file holds.
+MAX_LINE_BYTES = 32 << 20
+
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference",
                  "kto"]
 
@@ -272,15 +275,24 @@ def _open_binary(path: Path, label: str):
 
 
 def _text_lines(path: Path, label: str) -> Iterator[tuple[int, str | RowError]]:
-    """(line number, text) for each line, read one at a time so a huge file never sits in memory.
+    """(line number, text) for each line, read one at a time so a huge file never sits in memory
+    (nor a huge line: one over ``MAX_LINE_BYTES`` comes out as a RowError).
 
     The UTF-8 byte order mark is dropped; the text keeps its line end ("\\n" or "\\r\\n"; none on an
     unterminated last line). A line that is not valid UTF-8 comes out as a RowError naming the byte.
     """
     offset = 0
     with _open_binary(path, label) as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
             start, offset = offset, offset + len(raw)
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                length = len(raw) + _skip_rest_of_line(handle)
+                offset = start + length
+                yield number, Where(label, line=number).error(
+                    "line too long", f"the line is {length / (1 << 20):.0f} MiB long; lines over "
+                                     f"{MAX_LINE_BYTES >> 20} MiB are refused",
+                    hint="split very long documents into several records")
+                continue
             if number == 1 and raw.startswith(UTF8_BOM):
                 raw, start = raw[len(UTF8_BOM):], start + len(UTF8_BOM)
             try:
@@ -290,6 +302,16 @@ def _text_lines(path: Path, label: str) -> Iterator[tuple[int, str | RowError]]:
                 yield number, Where(label, line=number).error(
                     "invalid UTF-8", f"not valid UTF-8: {err.reason} (byte {byte})",
                     hint="save the file as UTF-8")
+
+
+def _skip_rest_of_line(handle) -> int:
+    """Read past the rest of an over-long line in 1 MiB pieces; returns how many bytes that was."""
+    skipped = 0
+    while piece := handle.readline(1 << 20):
+        skipped += len(piece)
+        if piece.endswith(b"\n"):
+            break
+    return skipped
 
 
 def _read_jsonl(path: Path, label: str) -> Rows:
@@ -933,6 +955,7 @@ class LoadResult:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> rows skipped
     skipped_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> first error
     duplicates: int = 0  # records identical to an earlier one (dropped only with drop_duplicates)
+    errors: list[str] = dataclasses.field(default_factory=list)  # every skipped row's error, in order
 
     @property
     def form(self) -> str:
@@ -949,18 +972,20 @@ class LoadResult:
 
 
 class _Skips:
-    """Counts skipped rows by reason and keeps the first error of each; raises when not skipping."""
+    """Counts skipped rows by reason and keeps every error; raises when not skipping."""
 
     def __init__(self, skip_invalid: bool):
         self.skip_invalid = skip_invalid
         self.counts: dict[str, int] = {}
         self.examples: dict[str, str] = {}
+        self.errors: list[str] = []
 
     def add(self, error: RowError) -> None:
         if not self.skip_invalid:
             raise error
         self.counts[error.category] = self.counts.get(error.category, 0) + 1
         self.examples.setdefault(error.category, str(error))
+        self.errors.append(str(error))
 
 
 def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False) -> LoadResult:
@@ -998,7 +1023,7 @@ def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = F
         records.append(record)
     _check_not_empty(spec, rows, records, skips)
     return LoadResult(path=spec.path, format=fmt, records=records, skipped=skips.counts,
-                      skipped_examples=skips.examples, duplicates=duplicates)
+                      skipped_examples=skips.examples, duplicates=duplicates, errors=skips.errors)
 
 
 def _check_not_empty(spec: DatasetSpec, rows: int, records: list[dict], skips: _Skips) -> None:

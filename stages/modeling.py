@@ -259,16 +259,20 @@ def settings_from_adapter(adapter_dir: str | Path) -> LoraSettings:
 
 def attach_adapter(model, lora: LoraSettings, *, init_from: str | Path | None = None,
                    task: TaskType = "causal", adapter_name: str = "default",
-                   extra_modules_to_save: list[str] = ()):
+                   extra_modules_to_save: list[str] = (), allow_pickle_weights: bool = False):
     """Wrap ``model`` in a trainable LoRA adapter, optionally starting from a saved adapter's weights.
 
     Starting from a saved adapter keeps that adapter's shape (its r, alpha and targets win over
     ``lora``), so an SFT adapter continues into DPO or becomes the reward model's backbone adapter.
+    A saved adapter must hold safetensors weights (a pickle ``adapter_model.bin`` is refused unless
+    ``allow_pickle_weights``); when it is a lorelay stage (``manifest.json``), its files are checked
+    against the manifest's checksums first.
     """
     from peft import get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     if init_from is not None:
+        _check_adapter_files(Path(init_from), allow_pickle_weights)
         lora = settings_from_adapter(init_from)
     peft_model = get_peft_model(model, lora_config(lora, task, extra_modules_to_save=extra_modules_to_save),
                                 adapter_name=adapter_name)
@@ -280,6 +284,22 @@ def attach_adapter(model, lora: LoraSettings, *, init_from: str | Path | None = 
             raise LorelayError(f"adapter does not fit this base model ({len(missing_lora)} LoRA weights missing, "
                                f"e.g. {missing_lora[0]})", file=init_from)
     return peft_model
+
+
+def _check_adapter_files(directory: Path, allow_pickle_weights: bool) -> None:
+    if (directory / "manifest.json").is_file():
+        from stages.training import verify_output
+
+        verify_output(directory)
+    if (directory / "adapter_model.safetensors").is_file():
+        return
+    pickled = [p.name for p in directory.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth")]
+    if pickled and not allow_pickle_weights:
+        raise LorelayError(f"this adapter has only pickle weights ({pickled[0]}), which can run code when loaded",
+                           file=directory, hint="re-save it as safetensors, or set "
+                                                "model.allow_pickle_weights: true if you trust it")
+    if not pickled and (directory / "adapter_config.json").is_file():
+        raise LorelayError("no adapter weights (adapter_model.safetensors) in this adapter directory", file=directory)
 
 
 def detach_adapter(peft_model):

@@ -28,7 +28,8 @@ from stages.evaluation import sample_generations
 from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.tokenize import tokenize_records
 from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
-                             perplexity, quiet_trainer, trainable_parameters, trainer_args)
+                             perplexity, quiet_trainer, seed_everything, trainable_parameters,
+                             trainer_args)
 
 
 @dataclasses.dataclass
@@ -68,7 +69,10 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     """Train an SFT adapter on ``base`` (continuing ``adapter`` if given); return the output directory."""
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
+    # issue 10 (speed): TRL's SFTTrainer, with the LM head and loss on labelled positions only where TRL
+    # scores every position (CPU); identical loss and gradients, see stages/efficient_loss.py.
+    from stages.efficient_loss import sft_trainer_class
+    SFTTrainer = sft_trainer_class()
 
     training, data = config.training, config.data
     output = StageOutput(training.output_dir, stage="sft", resume=training.resume)
@@ -89,7 +93,9 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     output.mark("data", started)
 
     # ---- model: a LoRA adapter on the shared base ------------------------------------------------
-    model = attach_adapter(base.model, config.lora, init_from=adapter)
+    seed_everything(training.seed)  # the LoRA initialisation follows training.seed
+    model = attach_adapter(base.model, config.lora, init_from=adapter,
+                           allow_pickle_weights=base.config.allow_pickle_weights)
     try:
         before = sample_generations(model, base.tokenizer, held_out, count=data.sample_prompts,
                                     max_new_tokens=config.sample_max_new_tokens)
@@ -111,7 +117,8 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
         # ---- evaluate -----------------------------------------------------------------------------
         started = time.time()
         metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
-                   "steps": trainer.state.global_step}
+                   "steps": trainer.state.global_step,
+                   "skipped_nonfinite_steps": result.metrics.get("skipped_nonfinite_steps", 0)}
         if eval_dataset is not None:
             eval_metrics = trainer.evaluate()
             metrics["eval_loss"] = eval_metrics["eval_loss"]

@@ -74,3 +74,10 @@ def test_missing_file_is_named(tmp_path):
 def test_describe_lists_nested_keys_with_help():
     rows = {key: help_text for key, _, help_text in describe(Outer)}
     assert rows["inner.rate"] == "a rate" and "tags" in rows
+
+
+def test_union_prefers_the_values_own_type():
+    from stages.modeling import LoraSettings
+
+    assert load_config(LoraSettings, None, ["target_modules=all-linear"]).target_modules == "all-linear"
+    assert load_config(LoraSettings, None, ["target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]

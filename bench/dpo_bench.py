@@ -1,0 +1,188 @@
+"""One set-up of the CPU DPO benchmark, in its own process so that its peak RSS is its own.
+
+    python bench/dpo_bench.py --make-adapter /tmp/sft-adapter           # the incoming "SFT" adapter, once
+    python bench/dpo_bench.py --setup lorelay --adapter /tmp/sft-adapter --out /tmp/lorelay.json
+    python bench/dpo_bench.py --setup trl --adapter /tmp/sft-adapter --out /tmp/trl.json
+
+Both set-ups continue the same adapter with DPO on the same pairs (the first ``--samples`` of the bundled
+preference data, in lorelay's seeded order), with the same batch, accumulation, learning rate, beta,
+max_length and precision, for the same number of optimizer steps:
+
+  lorelay  ``stages.dpo.run`` itself: one base in memory; the reference is a frozen copy of the incoming
+           adapter on that same base (TRL switches adapters for the reference forward). Padding-free where
+           supported: TRL 1.16's DPOTrainer has it switched off, so both set-ups pad.
+  trl      TRL's DPOTrainer given a separately loaded reference model: a second copy of the base with the
+           incoming adapter merged into it, the way TRL's DPO examples pass ``ref_model``.
+
+Activation checkpointing follows lorelay's device default (off on CPU) in both, so the ratios isolate
+how the reference is held. The incoming adapter has random (not zero) lora_B, so the reference differs
+from the bare base as a real SFT adapter would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_bench import SEED, _meter_class, current_rss_mb, peak_rss_mb, summarise  # noqa: E402
+
+SETUPS = {"lorelay": "lorelay DPO (stages.dpo.run): reference = frozen adapter copy on the shared base",
+          "trl": "TRL DPOTrainer with a separately loaded reference model"}
+
+
+def make_adapter(model_name: str, directory: Path) -> None:
+    """A LoRA adapter of lorelay's default shape with small random weights, standing in for an SFT result."""
+    import torch
+
+    from stages.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+
+    base = load_base(ModelConfig(name=model_name))
+    model = attach_adapter(base.model, LoraSettings())
+    torch.manual_seed(SEED)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.01)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def workload(data: Path, samples: int, work: Path) -> Path:
+    lines = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()][:samples]
+    subset = work / "preference-subset.jsonl"
+    subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return subset
+
+
+def lorelay_config(options, subset: Path, work: Path):
+    import stages.dpo as dpo_stage
+    from stages.data import DatasetSpec
+    from stages.modeling import ModelConfig
+
+    return dpo_stage.DPOConfig(
+        model=ModelConfig(name=options.model),
+        data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0),
+        training=dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED))
+
+
+def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
+    """``stages.dpo.run`` from the incoming adapter; the meter joins the stage's callbacks."""
+    import stages.dpo as dpo_stage
+    from stages.modeling import ModelConfig, load_base
+
+    config = lorelay_config(options, subset, work)
+    base = load_base(ModelConfig(name=options.model))
+    stage_callbacks = dpo_stage.callbacks
+    dpo_stage.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
+    try:
+        output = dpo_stage.run(config, base, adapter=options.adapter)
+    finally:
+        dpo_stage.callbacks = stage_callbacks
+    metrics = json.loads((output / "metrics.json").read_text())
+    return {"reference": metrics.get("reference"), "padding_free": config.data.padding_free,
+            "activation_checkpointing": base.activation_checkpointing,
+            "batch_size": config.training.batch_size,
+            "gradient_accumulation_steps": config.training.gradient_accumulation_steps}
+
+
+def run_trl(options, subset: Path, work: Path, meter) -> dict:
+    """TRL's DPOTrainer with ``ref_model``: the policy and a second, merged copy of the base."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    import stages.dpo as dpo_stage
+    from stages.default_model import resolve_model_path
+
+    config = lorelay_config(options, subset, work)  # the same data, batch and optimisation settings
+    training = config.training
+    path = resolve_model_path(options.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                       options.adapter, is_trainable=True)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                          options.adapter).merge_and_unload()
+    reference.eval()
+    mixture = dpo_stage.load_preferences(config)
+    dataset = Dataset.from_list([dpo_stage.trainer_row(r) for r in mixture.train])
+    args = DPOConfig(output_dir=str(work / "trl"), max_steps=options.steps, seed=SEED, data_seed=SEED,
+                     per_device_train_batch_size=training.batch_size,
+                     gradient_accumulation_steps=training.gradient_accumulation_steps,
+                     learning_rate=training.learning_rate, lr_scheduler_type=training.lr_scheduler,
+                     warmup_steps=training.warmup_ratio, beta=config.beta, max_length=config.data.max_length,
+                     bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], save_strategy="no",
+                     logging_steps=training.logging_steps, disable_tqdm=True, dataloader_num_workers=0,
+                     remove_unused_columns=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[meter])
+    trainer.train()
+    return {"reference": "separate model (base + merged adapter)", "padding_free": False,
+            "activation_checkpointing": False, "batch_size": training.batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", choices=sorted(SETUPS))
+    parser.add_argument("--make-adapter", type=Path, help="write the incoming adapter here and exit")
+    parser.add_argument("--adapter", type=Path, help="incoming adapter directory (from --make-adapter)")
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, default=Path("data/demo/preferences.jsonl"))
+    parser.add_argument("--samples", type=int, default=64, help="first N pairs of --data")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the step time")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, help="where the JSON result is written")
+    options = parser.parse_args(argv)
+    if options.make_adapter is None and (options.setup is None or options.adapter is None or options.out is None):
+        parser.error("--setup, --adapter and --out are needed (or --make-adapter DIR)")
+    return options
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("LORELAY_QUIET", "1")
+    options = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(options.threads)
+    if options.make_adapter is not None:
+        make_adapter(options.model, options.make_adapter)
+        return 0
+    import datasets
+    import peft  # noqa: F401  (imported before the baseline so both set-ups' baselines hold the same libraries)
+    import transformers
+    import trl  # noqa: F401
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    baseline_rss = current_rss_mb()
+    started = time.time()
+    meter = _meter_class()()
+    with tempfile.TemporaryDirectory(prefix=f"lorelay-bench-dpo-{options.setup}-") as tmp:
+        work = Path(tmp)
+        subset = workload(options.data, options.samples, work)
+        runner = run_lorelay if options.setup == "lorelay" else run_trl
+        details = runner(options, subset, work, meter)
+    summary = summarise(meter, warmup=options.warmup, accumulation=details["gradient_accumulation_steps"])
+    result = {"setup": options.setup, "description": SETUPS[options.setup],
+              **{k: summary[k] for k in ("steps", "measured_steps", "warmup_steps", "step_times_s", "step_time_s",
+                                         "step_time_median_s", "padding_fraction")},
+              "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline_rss, 1),
+              "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 2), "details": details}
+    result["peak_rss_above_baseline_mb"] = round(result["peak_rss_mb"] - result["baseline_rss_mb"], 1)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("setup", "step_time_s", "peak_rss_mb")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

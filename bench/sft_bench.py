@@ -1,0 +1,357 @@
+"""One set-up of the CPU SFT benchmark, in its own process so that its peak RSS is its own.
+
+    python bench/sft_bench.py --setup c --out /tmp/c.json            # lorelay's defaults
+    python bench/sft_bench.py --setup a --steps 4 --model /path/tiny  # the naive recipe on another model
+
+Every set-up trains the same LoRA adapter (lorelay's default shape) on the same samples, in the same
+order (the first ``--samples`` records of the bundled chat data, shuffled by the one seed every
+Trainer uses), for the same number of optimizer steps, in fp32, with the same thread count:
+
+  a  the common naive recipe: the conversation rendered into one string, every sample padded to a
+     fixed max_length (512, or 4x the longest sample if that is larger), loss on every real token,
+     plain ``transformers.Trainer``;
+  b  TRL's ``SFTTrainer`` with its default settings (pad to the longest sample of each batch, loss on
+     every token of a conversational dataset, activation checkpointing on) except precision: fp32,
+     because TRL's bf16 default would turn this into a precision comparison;
+  c  lorelay's defaults: ``stages.sft.run`` itself, with only the workload (data file, steps, no held-out
+     split or sample generations) set.
+
+The result is one JSON object (``--out``): per-step wall time (consecutive step ends, so the data
+loader, the optimizer and logging are inside it), per-step token counts taken from the batches the
+Trainer really used, and peak RSS. ``bench/run.py`` runs the set-ups and turns them into ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("LORELAY_QUIET", "1")  # no progress bar in the children
+
+SETUPS = {"a": "naive: fixed-length padding, loss on every token, transformers.Trainer",
+          "b": "TRL SFTTrainer defaults (fp32)",
+          "c": "lorelay defaults (stages.sft.run)"}
+NAIVE_MIN_LENGTH = 512
+SEED = 42
+LEARNING_RATE = 2e-4  # the same for every set-up; it does not change the cost of a step
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring: resident memory, and a callback that times steps and counts the tokens of each batch
+# ----------------------------------------------------------------------------------------------
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _meter_class():
+    from transformers import TrainerCallback
+
+    class StepMeter(TrainerCallback):
+        """Wall time between consecutive optimizer-step ends, and token counts of every collated batch.
+
+        Counting happens in a wrapper around the train dataloader's ``collate_fn``, installed when
+        training begins, so it sees exactly the tensors the model is given (the loader may collate one
+        batch ahead, so counts are matched to steps by order, not by time).
+        ``reply_of`` maps a sample's token ids to its number of assistant-reply tokens (the tokens
+        SFT is meant to learn), identical in every set-up because the samples are.
+        """
+
+        def __init__(self, reply_of: dict[tuple[int, ...], int] | None = None):
+            self.reply_of = reply_of or {}
+            self.ends: list[float] = []
+            self.started: float | None = None
+            self.batches: list[dict[str, int]] = []
+            self.unmatched = 0
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            # accelerate's DataLoaderShard iterates a DataLoader of its own (``base_dataloader``)
+            loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+            if loader is not None:
+                collate = loader.collate_fn
+                loader.collate_fn = lambda features: self._count(features, collate(features))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.started is None:
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def _count(self, features, batch):
+            input_ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            labels = batch.get("labels")
+            stats = {"samples": len(features), "processed": int(input_ids.numel()),
+                     "real": int(mask.sum()) if mask is not None else int(input_ids.numel()),
+                     # the labels the loss uses: shifted by one, -100 ignored
+                     "loss": int((labels[..., 1:] != -100).sum()) if labels is not None else 0,
+                     "reply": 0}
+            for feature in features:
+                stats["reply"] += self._reply_tokens(feature)
+            self.batches.append(stats)
+            return batch
+
+        def _reply_tokens(self, feature) -> int:
+            ids = feature.get("input_ids")
+            if ids is None:
+                return 0
+            ids = [int(i) for i in ids]
+            mask = feature.get("attention_mask")
+            if mask is not None:
+                ids = [i for i, m in zip(ids, mask) if int(m)]
+            if tuple(ids) not in self.reply_of:
+                self.unmatched += 1
+                return 0
+            return self.reply_of[tuple(ids)]
+
+        def step_times(self) -> list[float]:
+            marks = ([self.started] if self.started is not None else []) + self.ends
+            return [b - a for a, b in zip(marks, marks[1:])]
+
+    return StepMeter
+
+
+def summarise(meter, *, warmup: int, accumulation: int = 1) -> dict:
+    """Steady-state numbers: the first ``warmup`` steps are left out of every rate.
+
+    ``accumulation`` micro-batches make one optimizer step; their token counts are added up per step.
+    """
+    times = meter.step_times()
+    steps = len(times)
+    keys = ("samples", "processed", "real", "loss", "reply")
+    micro = meter.batches[:steps * accumulation]
+    batches = [{key: sum(b[key] for b in micro[i * accumulation:(i + 1) * accumulation]) for key in keys}
+               for i in range(len(micro) // accumulation)]
+    if len(batches) < steps:
+        raise RuntimeError(f"{steps} steps timed but only {len(micro)} batches counted: the meter missed the loader")
+    measured = list(range(min(warmup, max(steps - 1, 0)), steps))
+    seconds = sum(times[i] for i in measured)
+    total = {key: sum(batches[i][key] for i in measured) for key in keys}
+    per_s = (lambda n: n / seconds) if seconds > 0 else (lambda n: None)
+    return {
+        "steps": steps, "measured_steps": len(measured), "warmup_steps": steps - len(measured),
+        "step_times_s": [round(t, 4) for t in times],
+        "step_time_s": round(seconds / len(measured), 4) if measured else None,
+        "step_time_median_s": round(statistics.median(times[i] for i in measured), 4) if measured else None,
+        "measured_seconds": round(seconds, 4),
+        "tokens": total,
+        "tokens_per_step": {key: [b[key] for b in batches] for key in ("processed", "real", "loss", "reply")},
+        "padding_fraction": round(1 - total["real"] / total["processed"], 4) if total["processed"] else None,
+        "processed_tokens_per_s": per_s(total["processed"]),
+        "real_tokens_per_s": per_s(total["real"]),
+        "loss_tokens_per_s": per_s(total["loss"]),
+        "reply_tokens_per_s": per_s(total["reply"]),
+        "unmatched_samples": meter.unmatched,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the workload: the same records, in the same order, for every set-up
+# ----------------------------------------------------------------------------------------------
+
+def workload(data: Path, samples: int, work: Path) -> tuple[Path, list[dict]]:
+    """The first ``samples`` lines of ``data`` as their own file, and lorelay's records of them.
+
+    lorelay's loader shuffles with the seed; every set-up trains on these records in this order.
+    """
+    from stages.data import DatasetSpec, load_mixture
+
+    lines = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()][:samples]
+    subset = work / "sft-subset.jsonl"
+    subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    mixture = load_mixture([DatasetSpec(path=str(subset))], kind="sft", seed=SEED)
+    return subset, mixture.train
+
+
+def reply_counts(tokenizer, records: list[dict]) -> dict[tuple[int, ...], int]:
+    """Token ids of each sample -> its assistant-reply token count (lorelay's mask)."""
+    from stages.tokenize import encode_record
+
+    counts = {}
+    for record in records:
+        ids, mask = encode_record(tokenizer, record, assistant_only=True)
+        counts[tuple(ids)] = sum(mask)
+    return counts
+
+
+def load_plain(model_name: str):
+    """The model and tokenizer as a plain transformers script loads them (fp32, default attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.default_model import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def lorelay_lora():
+    """lorelay's default adapter shape as a peft LoraConfig: every set-up trains the same adapter."""
+    from stages.modeling import LoraSettings, lora_config
+
+    return lora_config(LoraSettings())
+
+
+# ----------------------------------------------------------------------------------------------
+# the three set-ups
+# ----------------------------------------------------------------------------------------------
+
+def run_naive(options, records: list[dict], work: Path, meter) -> dict:
+    """(a) One string per conversation, padded to a fixed length, loss on every real token."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    model, tokenizer = load_plain(options.model)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    max_length = max(NAIVE_MIN_LENGTH, 4 * longest)
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
+    encoded["labels"] = [[t if m else -100 for t, m in zip(ids, mask)]
+                         for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    dataset = Dataset.from_dict(dict(encoded))
+    model = get_peft_model(model, lorelay_lora())
+    args = TrainingArguments(output_dir=str(work / "a"), max_steps=options.steps,
+                             per_device_train_batch_size=options.batch_size, learning_rate=LEARNING_RATE,
+                             seed=SEED, data_seed=SEED, report_to=[], save_strategy="no", logging_steps=10,
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[meter])
+    trainer.train()
+    return {"max_length": max_length, "trainable_parameters": _trainable(model)}
+
+
+def run_trl_defaults(options, records: list[dict], work: Path, meter) -> dict:
+    """(b) TRL's SFTTrainer as its docs show it: model, conversational dataset, peft_config."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load_plain(options.model)
+    dataset = Dataset.from_list([{"messages": r["messages"]} for r in records])
+    args = SFTConfig(output_dir=str(work / "b"), max_steps=options.steps,
+                     per_device_train_batch_size=options.batch_size, learning_rate=LEARNING_RATE,
+                     seed=SEED, data_seed=SEED, report_to=[], save_strategy="no", use_cpu=True,
+                     disable_tqdm=True, dataloader_num_workers=0,
+                     bf16=False)  # the one change from TRL's defaults: the same fp32 numerics as a and c
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lorelay_lora(), callbacks=[meter])
+    trainer.train()
+    return {"gradient_checkpointing": bool(args.gradient_checkpointing), "padding_free": bool(args.padding_free),
+            "assistant_only_loss": bool(args.assistant_only_loss), "max_length": args.max_length,
+            "trainable_parameters": _trainable(trainer.model)}
+
+
+def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
+    """(c) ``stages.sft.run`` with lorelay's defaults; only the workload is set.
+
+    The meter joins the stage's own callbacks through ``stages.sft.callbacks``, so the stage runs
+    exactly as ``lorelay sft`` runs it.
+    """
+    import stages.sft as sft_stage
+    from stages.data import DatasetSpec
+    from stages.modeling import ModelConfig, load_base
+    from stages.training import TrainingConfig
+
+    base = load_base(ModelConfig(name=options.model))
+    config = sft_stage.SFTConfig(
+        model=ModelConfig(name=options.model),
+        data=sft_stage.SFTData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0, sample_prompts=0),
+        training=TrainingConfig(output_dir=work / "c", max_steps=options.steps, batch_size=options.batch_size,
+                                learning_rate=LEARNING_RATE, seed=SEED))
+    stage_callbacks = sft_stage.callbacks
+    sft_stage.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
+    try:
+        output = sft_stage.run(config, base)
+    finally:
+        sft_stage.callbacks = stage_callbacks
+    metrics = json.loads((output / "metrics.json").read_text())
+    return {"batching": config.data.batching, "assistant_only_loss": config.data.assistant_only_loss,
+            "activation_checkpointing": base.activation_checkpointing,
+            "attn_implementation": base.attn_implementation,
+            "trainable_parameters": metrics.get("trainable_parameters")}
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, default=Path("data/demo/sft.jsonl"))
+    parser.add_argument("--samples", type=int, default=64, help="first N records of --data")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the rates")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, required=True, help="where the JSON result is written")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    options = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(options.threads)
+    import datasets
+    import peft  # noqa: F401  (imported before the baseline so every set-up's baseline holds the same libraries)
+    import transformers
+    import trl  # noqa: F401
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    baseline_rss = current_rss_mb()  # libraries imported, no model yet
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"lorelay-bench-{options.setup}-") as tmp:
+        work = Path(tmp)
+        subset, records = workload(options.data, options.samples, work)
+        from stages.default_model import resolve_model_path
+        from transformers import AutoTokenizer
+
+        meter = _meter_class()(reply_counts(AutoTokenizer.from_pretrained(resolve_model_path(options.model)), records))
+        if options.setup == "a":
+            details = run_naive(options, records, work, meter)
+        elif options.setup == "b":
+            details = run_trl_defaults(options, records, work, meter)
+        else:
+            details = run_lorelay(options, subset, work, meter)
+    result = {"setup": options.setup, "description": SETUPS[options.setup], **summarise(meter, warmup=options.warmup),
+              "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline_rss, 1),
+              "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 2), "details": details}
+    result["peak_rss_above_baseline_mb"] = round(result["peak_rss_mb"] - result["baseline_rss_mb"], 1)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("setup", "step_time_s", "real_tokens_per_s", "peak_rss_mb")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The run report: ``report.md`` with one metrics table across stages, PNG plots, sample replies.
+
+Also the rich summary table printed at the end of ``lorelay run`` and by ``lorelay status``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from stages.training import is_main_process
+
+# (column title, metric names to look for in order, format)
+COLUMNS = [
+    ("task acc", ("task_accuracy",), "{:.1%}"),
+    ("held-out ppl", ("heldout_perplexity",), "{:.2f}"),
+    ("eval loss", ("eval_loss",), "{:.3f}"),
+    ("RM acc", ("eval_accuracy", "accuracy"), "{:.1%}"),
+    ("DPO reward acc", ("eval_rewards/accuracies", "rewards/accuracies"), "{:.1%}"),
+    ("win vs parent", ("win_rate_vs_parent",), "{:.1%}"),
+    ("loss vs parent", ("loss_rate_vs_parent",), "{:.1%}"),
+    ("pairs", ("pairs",), "{:d}"),
+]
+
+
+def rows(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per policy or stage: name, type, status, seconds and every metric we know about."""
+    table = []
+    base_eval = (run.get("base_evaluation") or {}).get("metrics", {})
+    table.append({"name": "base", "type": "base", "status": "-", "seconds": None, "parent": "",
+                  "metrics": base_eval})
+    for stage in run.get("stages", []):
+        metrics = {**stage.get("metrics", {}), **(stage.get("evaluation") or {}).get("metrics", {})}
+        table.append({"name": stage["name"], "type": stage["type"], "status": stage.get("status", "?"),
+                      "seconds": stage.get("seconds"), "parent": stage.get("init_from") or "base",
+                      "metrics": metrics})
+    return table
+
+
+def cell(metrics: dict[str, Any], names: tuple[str, ...], fmt: str) -> str:
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return fmt.format(int(value) if fmt == "{:d}" else value)
+    return ""
+
+
+def summary_table(run: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"run {run.get('name')}: {len(run.get('stages', []))} stages, policy = {run.get('policy')}")
+    for title in ("stage", "type", "status", "time", *[c[0] for c in COLUMNS]):
+        table.add_column(title, justify="left" if title in ("stage", "type", "status") else "right")
+    for row in rows(run):
+        seconds = f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
+        table.add_row(row["name"], row["type"], row["status"], seconds,
+                      *[cell(row["metrics"], names, fmt) for _, names, fmt in COLUMNS])
+    return table
+
+
+def markdown_table(run: dict[str, Any]) -> str:
+    header = ["stage", "type", "parent", "status", "time", *[c[0] for c in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows(run):
+        seconds = f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
+        values = [row["name"], row["type"], row["parent"], row["status"], seconds,
+                  *[cell(row["metrics"], names, fmt) for _, names, fmt in COLUMNS]]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def loss_curves(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for stage in run.get("stages", []):
+        metrics_file = run_dir / stage["output_dir"] / "metrics.json"
+        if not metrics_file.exists():
+            continue
+        history = json.loads(metrics_file.read_text()).get("log_history", [])
+        points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+        if points:
+            curves[stage["name"]] = points
+    if not curves:
+        return False
+    figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    for axis, (name, points) in zip(axes[0], curves.items()):
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.set_ylabel("train loss")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def metrics_by_stage(run: dict[str, Any], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policy_rows = [r for r in rows(run) if r["type"] in ("base", "cpt", "sft", "dpo")]
+    series = {"task accuracy": [r["metrics"].get("task_accuracy") for r in policy_rows],
+              "win rate vs parent": [r["metrics"].get("win_rate_vs_parent") for r in policy_rows]}
+    series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+    if not series:
+        return False
+    figure, axis = plt.subplots(figsize=(1.6 * len(policy_rows) + 2, 3))
+    width = 0.8 / len(series)
+    for offset, (label, values) in enumerate(series.items()):
+        xs = [i + offset * width for i in range(len(policy_rows))]
+        axis.bar(xs, [v or 0 for v in values], width=width, label=label)
+    axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(policy_rows))])
+    axis.set_xticklabels([r["name"] for r in policy_rows])
+    axis.set_ylim(0, 1)
+    axis.legend()
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def sample_replies(run_dir: Path, run: dict[str, Any], count: int = 4) -> str:
+    eval_dir = run_dir / "eval"
+    policies = ["base"] + [s["name"] for s in run.get("stages", []) if s.get("evaluation")]
+    replies = {p: json.loads((eval_dir / f"{p}.json").read_text()) for p in policies if (eval_dir / f"{p}.json").exists()}
+    if not replies:
+        return ""
+    first = next(iter(replies.values()))
+    blocks = []
+    for i, row in enumerate(first[:count]):
+        block = [f"**Prompt:** {row['prompt']}", ""]
+        for name, rows_ in replies.items():
+            reply = rows_[i]["reply"].replace("\n", " ") if i < len(rows_) else ""
+            block.append(f"- *{name}*: {reply}")
+        blocks.append("\n".join(block))
+    return "\n\n".join(blocks)
+
+
+def write_report(run_dir: Path, run: dict[str, Any], console=None) -> Path:
+    """Write report.md and plots; print the summary table."""
+    run_dir = Path(run_dir)
+    if console is not None:
+        console.print(summary_table(run))
+    if not is_main_process():
+        return run_dir / "report.md"
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    parts = [f"# lorelay run `{run.get('name')}`", "",
+             f"Base model: `{run['base']['name']}` ({run['base']['quantization']}, {run['base']['dtype']}, "
+             f"{run['base']['device']}). Final policy: `{run.get('policy')}`. lorelay {run.get('lorelay_version')}, "
+             f"commit `{run.get('git_commit') or 'n/a'}`. Updated {run.get('updated')}.", "",
+             "## Metrics after each stage", "", markdown_table(run), "",
+             "Task accuracy: exact match on held-out prompts. Win/loss vs parent: the reward model scores this "
+             "policy's reply above/below its parent's on the same held-out prompt (ties are the rest).", ""]
+    if loss_curves(run_dir, run, plots / "loss_curves.png"):
+        parts += ["## Loss curves", "", "![loss curves](plots/loss_curves.png)", ""]
+    if metrics_by_stage(run, plots / "metrics_by_stage.png"):
+        parts += ["## Metrics by stage", "", "![metrics by stage](plots/metrics_by_stage.png)", ""]
+    samples = sample_replies(run_dir, run)
+    if samples:
+        parts += ["## Sample generations (greedy, held-out prompts)", "", samples, ""]
+    gates = [(s["name"], s["gates"]) for s in run.get("stages", []) if s.get("gates")]
+    if gates:
+        parts += ["## Gates", ""] + [f"- {name}: {g if isinstance(g, str) else '; '.join(g)}" for name, g in gates] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(parts))
+    if console is not None:
+        console.print(f"report: {path}")
+    return path

@@ -1,0 +1,198 @@
+"""The pipeline runner on the tiny model: the chain, the cache, lineage, continuation, gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pipelines.runner as runner
+from pipelines.runner import GateFailed, load_pipeline, run_pipeline
+from stages.errors import ConfigError
+from tests.conftest import write_jsonl
+
+TRAIN = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "warmup_ratio": 0.0}
+
+
+def chats(n: int) -> list[dict]:
+    labels = ["billing", "shipping"]
+    return [{"messages": [{"role": "user", "content": f"Route this ticket: case {i} about {labels[i % 2]}"},
+                          {"role": "assistant", "content": labels[i % 2]}]} for i in range(n)]
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"prompt": f"Question {i}?", "chosen": f"Answer {i}. — Support", "rejected": f"Answer {i}."}
+            for i in range(n)]
+
+
+@pytest.fixture
+def data(tmp_path) -> dict[str, Path]:
+    folder = tmp_path / "data"
+    files = {
+        "sft": write_jsonl(folder / "sft.jsonl", chats(16)),
+        "pairs": write_jsonl(folder / "pairs.jsonl", pairs(16)),
+        "tasks": write_jsonl(folder / "tasks.jsonl", [{"prompt": "Route this ticket: case 99 about billing",
+                                                       "answer": "billing"}] * 2),
+        "prompts": write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Question {i}?"} for i in range(3)]),
+    }
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    (corpus / "doc1.txt").write_text("Nimbus robots sweep floors. " * 40)
+    (corpus / "doc2.txt").write_text("The Nimbus Pal answers questions. " * 40)
+    files["corpus"] = corpus
+    files["heldout"] = folder / "heldout.txt"
+    files["heldout"].write_text("Nimbus robots sweep floors and answer questions. " * 10)
+    return files
+
+
+def write_pipeline(tmp_path: Path, tiny_model_dir: Path, data: dict[str, Path], stages: list[dict],
+                   **extra) -> Path:
+    pipeline = {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "base": {"model": {"name": str(tiny_model_dir)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "stages": stages,
+        "evaluation": {"tasks": str(data["tasks"]), "prompts": str(data["prompts"]),
+                       "perplexity_text": str(data["heldout"]), "max_new_tokens": 4, "task_max_new_tokens": 3},
+        **extra,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path
+
+
+def sft_stage(data, name="sft", **extra) -> dict:
+    return {"name": name, "type": "sft", "settings": {
+        "data": {"datasets": [{"path": str(data["sft"])}], "eval_ratio": 0.25, "sample_prompts": 1},
+        "training": TRAIN, "sample_max_new_tokens": 2}, **extra}
+
+
+def all_stages(data) -> list[dict]:
+    return [
+        {"name": "cpt", "settings": {"data": {"sources": [{"path": str(data["corpus"])}], "block_size": 64},
+                                     "training": TRAIN}},
+        sft_stage(data),
+        {"name": "rm", "settings": {"data": {"datasets": [{"path": str(data["pairs"])}], "eval_ratio": 0.25},
+                                    "training": TRAIN}},
+        {"name": "generate", "inputs": {"reward_model": "rm"},
+         "settings": {"prompts": {"path": str(data["prompts"])}, "samples_per_prompt": 2, "max_new_tokens": 4,
+                      "min_score_gap": 0.0}},
+        {"name": "dpo", "init_from": "sft", "inputs": {"reward_model": "rm"}, "data_from": ["generate"],
+         "settings": {"data": {"datasets": [{"path": str(data["pairs"])}], "eval_ratio": 0.25},
+                      "training": TRAIN}},
+    ]
+
+
+class Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.fixture
+def count_base_loads(monkeypatch):
+    counter = Counter(runner.load_base)
+    monkeypatch.setattr(runner, "load_base", counter)
+    return counter
+
+
+def statuses(run_dir: Path) -> dict[str, str]:
+    run = json.loads((run_dir / "run.json").read_text())
+    return {s["name"]: s["status"] for s in run["stages"]}
+
+
+@pytest.mark.slow
+def test_whole_chain_runs_once_and_then_comes_from_cache(tmp_path, tiny_model_dir, data, count_base_loads):
+    path = write_pipeline(tmp_path, tiny_model_dir, data, all_stages(data))
+    run_dir = run_pipeline(path)
+
+    assert count_base_loads.calls == 1
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [s["name"] for s in run["stages"]] == ["cpt", "sft", "rm", "generate", "dpo"]
+    assert all(s["status"] == "done" and len(s["key"]) == 64 for s in run["stages"])
+    assert run["policy"] == "dpo" and run["base"]["fingerprint"] and run["versions"]["trl"]
+    by_name = {s["name"]: s for s in run["stages"]}
+    assert by_name["sft"]["init_from"] == "cpt" and by_name["dpo"]["init_from"] == "sft"
+    assert by_name["dpo"]["parents"] == ["generate", "rm", "sft"]
+    assert "task_accuracy" in by_name["sft"]["evaluation"]["metrics"]
+    assert {"wins", "losses", "ties"} <= set(by_name["dpo"]["evaluation"]["metrics"])
+    for name in by_name:
+        assert (run_dir / name / "manifest.json").exists(), name
+    generated = [json.loads(line) for line in (run_dir / "generate" / "dataset.jsonl").read_text().splitlines()]
+    assert generated and all("provenance" in row for row in generated)
+    report = (run_dir / "report.md").read_text()
+    assert "| dpo | dpo | sft |" in report and (run_dir / "plots" / "loss_curves.png").exists()
+
+    run_dir = run_pipeline(path)
+    assert set(statuses(run_dir).values()) == {"cached"}
+
+
+def test_cache_reruns_a_changed_stage_and_its_descendants_only(tmp_path, tiny_model_dir, data, monkeypatch):
+    stages = [sft_stage(data, "sft"), sft_stage(data, "sft2", init_from="sft"), sft_stage(data, "side", init_from="none")]
+    path = write_pipeline(tmp_path, tiny_model_dir, data, stages, evaluation={})
+    run_dir = run_pipeline(path)
+    assert statuses(run_dir) == {"sft": "done", "sft2": "done", "side": "done"}
+    keys = {s["name"]: s["key"] for s in json.loads((run_dir / "run.json").read_text())["stages"]}
+
+    run_pipeline(path, ["sft.training.learning_rate=5e-3"])
+    assert statuses(run_dir) == {"sft": "done", "sft2": "done", "side": "cached"}
+    changed = {s["name"]: s["key"] for s in json.loads((run_dir / "run.json").read_text())["stages"]}
+    assert changed["sft"] != keys["sft"] and changed["sft2"] != keys["sft2"] and changed["side"] == keys["side"]
+
+    run_pipeline(path, ["sft.training.learning_rate=5e-3"], force=["side"])
+    assert statuses(run_dir) == {"sft": "cached", "sft2": "cached", "side": "done"}
+
+
+def test_a_run_killed_between_stages_continues(tmp_path, tiny_model_dir, data, monkeypatch):
+    stages = [sft_stage(data, "sft"), sft_stage(data, "sft2")]
+    path = write_pipeline(tmp_path, tiny_model_dir, data, stages, evaluation={})
+    import stages.sft as sft_module
+
+    real_run = sft_module.run
+
+    def dies_in_second_stage(config, base, adapter=None):
+        if Path(config.training.output_dir).name == "sft2":
+            raise KeyboardInterrupt
+        return real_run(config, base, adapter=adapter)
+
+    monkeypatch.setattr(sft_module, "run", dies_in_second_stage)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(path)
+    run_dir = tmp_path / "run"
+    assert statuses(run_dir) == {"sft": "done", "sft2": "failed"}
+    assert not (run_dir / "sft2" / "manifest.json").exists()
+
+    monkeypatch.setattr(sft_module, "run", Counter(real_run))
+    run_pipeline(path)
+    assert statuses(run_dir) == {"sft": "cached", "sft2": "done"}
+    assert sft_module.run.calls == 1
+
+
+def test_a_failing_gate_stops_the_chain(tmp_path, tiny_model_dir, data):
+    stages = [sft_stage(data, "sft", gates=["task_accuracy >= 1.5"]), sft_stage(data, "sft2")]
+    path = write_pipeline(tmp_path, tiny_model_dir, data, stages)
+    with pytest.raises(GateFailed, match=r"stage 'sft' failed its gate 'task_accuracy >= 1.5'"):
+        run_pipeline(path)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [s["name"] for s in run["stages"]] == ["sft"] and run["stages"][0]["gates"] == "failed"
+    assert not (tmp_path / "run" / "sft2").exists()
+    assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_pipeline_errors_name_the_problem(tmp_path, tiny_model_dir, data):
+    path = write_pipeline(tmp_path, tiny_model_dir, data, [sft_stage(data, "sft", init_from="cpt")])
+    with pytest.raises(ConfigError, match="refers to 'cpt', which is not an earlier stage"):
+        load_pipeline(path, [])
+    path = write_pipeline(tmp_path, tiny_model_dir, data, [{"name": "sfft"}])
+    with pytest.raises(ConfigError, match="did you mean 'sft'"):
+        load_pipeline(path, [])
+    path = write_pipeline(tmp_path, tiny_model_dir, data, [sft_stage(data)])
+    with pytest.raises(ConfigError, match="stage 'sft'.*did you mean 'learning_rate'"):
+        run_pipeline(path, ["sft.training.learnin_rate=1"])
