@@ -168,6 +168,10 @@ def check_targets(results: dict) -> list[dict]:
     return checked
 
 
+SHORT = {"a": "(a) naive", "b": "(b) TRL defaults", "c": "(c) lorelay",
+         "lorelay": "lorelay (ref = adapter)", "trl": "TRL (ref = 2nd model)"}
+
+
 def print_tables(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -180,7 +184,7 @@ def print_tables(results: dict) -> None:
                        "padding", "peak RSS MB", "above base MB"):
             table.add_column(column, justify="right" if column != "set-up" else "left")
         for name, s in sft["setups"].items():
-            table.add_row(f"({name}) {s['description']}", f"{s['step_time_s']:.2f}", f"{s['reply_tokens_per_s']:.1f}",
+            table.add_row(SHORT[name], f"{s['step_time_s']:.2f}", f"{s['reply_tokens_per_s']:.1f}",
                           f"{s['real_tokens_per_s']:.1f}", f"{s['loss_tokens_per_s']:.1f}",
                           f"{s['tokens_per_step']['processed']:.0f}", f"{s['padding_fraction']:.0%}",
                           f"{s['peak_rss_mb']:.0f}", f"{s['peak_rss_above_baseline_mb']:.0f}")
@@ -198,7 +202,7 @@ def print_tables(results: dict) -> None:
         for column in ("set-up", "step s", "padding", "peak RSS MB", "above base MB"):
             table.add_column(column, justify="right" if column != "set-up" else "left")
         for name, s in dpo["setups"].items():
-            table.add_row(f"{name}: {s['description']}", f"{s['step_time_s']:.2f}", f"{s['padding_fraction']:.0%}",
+            table.add_row(SHORT[name], f"{s['step_time_s']:.2f}", f"{s['padding_fraction']:.0%}",
                           f"{s['peak_rss_mb']:.0f}", f"{s['peak_rss_above_baseline_mb']:.0f}")
         console.print(table)
         for key, r in dpo["ratios"].items():

@@ -112,15 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from stages.errors import LorelayError
 
+    # Under `accelerate launch` every process prints; say which one (issue 7).
+    where = f" [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return dispatch(args)
     except LorelayError as err:
         code = getattr(err, "exit_code", 2)  # 130 for an interrupted stage, which is not an error
-        print(f"lorelay: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
+        print(f"lorelay{where}: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("lorelay: interrupted", file=sys.stderr)
+        print(f"lorelay{where}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if where:  # the traceback follows; accelerate then stops the other processes
+            print(f"lorelay{where}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from stages.config import (apply_overrides, deep_merge, field, from_dict, load_c
 from stages.data import data_hash
 from stages.errors import ConfigError, LorelayError, did_you_mean
 from stages.modeling import LoraSettings, ModelConfig, load_base
-from stages.training import git_commit, is_main_process, package_versions, verify_output
+from stages.training import barrier, git_commit, is_main_process, package_versions, verify_output
 
 StageType = Literal["cpt", "sft", "rm", "generate", "dpo"]
 POLICY_TYPES = ("cpt", "sft", "dpo")
@@ -377,6 +377,9 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
     console.print(f"base: {base.config.name} ({base.quantization}, {str(base.dtype).replace('torch.', '')}, "
                   f"{base.attn_implementation}, {base.device})")
     lineage = Lineage(pipeline, pipeline_path, base)
+    # Every rank has read the previous run.json before the main process rewrites it (issue 7): all
+    # ranks then take the same cache, resume and gate decisions.
+    barrier()
     evaluator = evaluate.Evaluator(pipeline.evaluation, base, run_dir_path, console)
     lineage.data["base_evaluation"] = evaluator.policy("base", None, lineage.previous_base_eval)
     lineage.save()
@@ -384,6 +387,7 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
     keys: dict[str, str] = {}
     evaluations: dict[str, dict] = {"base": lineage.data["base_evaluation"]}
     for index, entry in enumerate(pipeline.stages):
+        barrier()  # stage boundary: the main process has committed the previous stage and run.json
         planned = resolve_stage(pipeline, index, stage_overrides.get(entry.name, []), keys, base.fingerprint)
         keys[entry.name] = planned.key
         previous = lineage.previous_stages.get(entry.name)
@@ -424,7 +428,8 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
             lineage.record(record)
 
     judge = pipeline.evaluation.judge or next((s.name for s in pipeline.stages if s.type == "rm"), None)
-    if judge and pipeline.evaluation.prompts:
+    barrier()
+    if judge and pipeline.evaluation.prompts and is_main_process():  # reads replies only main wrote
         win_rates = evaluator.win_rates(run_dir_path / judge, lineage.data)
         for stage in lineage.data["stages"]:
             if stage["name"] in win_rates:
@@ -438,6 +443,7 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
                          private=pipeline.push.private, revision=pipeline.push.revision,
                          merged=pipeline.push.merged, run_info=lineage.data)
         console.print(f"pushed: {url}")
+    barrier()  # nobody exits while the main process still writes the report or pushes
     return run_dir_path
 
 

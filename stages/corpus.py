@@ -38,13 +38,13 @@ import codecs
 import dataclasses
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stages.config import field
-from stages.data import DATA_SUFFIXES, UTF8_BOM, DatasetSpec, RowError, Where, data_hash, read_rows
+from stages.data import DATA_SUFFIXES, UTF8_BOM, DatasetSpec, RowError, data_hash, read_rows
 from stages.errors import ConfigError, DataError, closest, did_you_mean
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -93,7 +93,7 @@ class SourceReport:
 
 @dataclass
 class CorpusReport:
-    """Counts of one full pass over a corpus (the last pass that reached its end)."""
+    """Counts of one pass over a corpus: ``PackedCorpus.report`` is the latest pass, so far."""
 
     sources: list[SourceReport] = dataclasses.field(default_factory=list)
     tokens: int = 0          # tokens in the blocks given out, EOS included
@@ -458,17 +458,14 @@ class PackedCorpus:
         return pack(tokenize_pieces(pieces, self.tokenizer, self.eos_token_id), self.block_size)
 
     def __iter__(self) -> Iterator[Block]:
-        report = CorpusReport(held_out_blocks=len(self.held_out))
+        report = self.report = CorpusReport(held_out_blocks=len(self.held_out))  # live: counts so far
         self.passes += 1
         blocks = (block for index, block in enumerate(self.packed(report)) if index not in self.held_out)
         blocks = shuffle_buffer(blocks, self.shuffle, self.seed + self.passes)
-        try:
-            for block in take_tokens(blocks, self.max_tokens, report=report):
-                report.tokens += len(block["input_ids"])
-                report.blocks += 1
-                yield block
-        finally:
-            self.report = report
+        for block in take_tokens(blocks, self.max_tokens, report=report):
+            report.tokens += len(block["input_ids"])
+            report.blocks += 1
+            yield block
 
     def hold_out(self, ratio: float, max_tokens: int) -> list[Block]:
         """Choose held-out blocks (a seeded ``ratio`` of them, at most ``max_tokens`` tokens in all).
@@ -550,6 +547,3 @@ def count_tokens(blocks: Iterable[Block]) -> int:
 def loss_tokens(blocks: Iterable[Block]) -> int:
     """Tokens that carry loss: all but the first of each piece."""
     return sum(len(block["input_ids"]) - len(block["seq_lengths"]) for block in blocks)
-
-
-Collate = Callable[[Sequence[Block]], dict[str, Any]]

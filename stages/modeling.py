@@ -303,7 +303,18 @@ def _check_adapter_files(directory: Path, allow_pickle_weights: bool) -> None:
 
 
 def detach_adapter(peft_model):
-    """Remove every LoRA layer and return the bare base model, unchanged by the stage."""
+    """Remove every LoRA layer and return the bare base model, unchanged by the stage.
+
+    PEFT's unload swaps each ``modules_to_save`` module for its trained copy; on the shared base
+    (``lora.modules_to_save: [embed_tokens]``) that would change the model for every later stage,
+    so the original modules go back first.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(peft_model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(peft_model.get_submodule(parent_name), attr, module.original_module)
     return peft_model.unload()
 
 

@@ -95,7 +95,8 @@ class NonFiniteGuard(TrainerCallback):
     step that follows changes nothing: no update, no momentum or weight-decay change (torch's
     optimizers skip parameters without a gradient). Zeroing them would not do: AdamW would still
     apply its momentum and weight decay. The learning-rate schedule still advances, so the run keeps
-    its planned length.
+    its planned length. With fp16 mixed precision only the loss is checked: inf gradients there are
+    the grad scaler's normal overflow signal, and the scaler already skips those steps.
 
     ``stop``: stop training after that step, and save no checkpoint for it; the last checkpoint stays
     the last good one, and ``fit`` raises ``NonFiniteLoss``.
@@ -123,7 +124,8 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         bad_loss = self._loss_finite is not None and not bool(self._loss_finite)
         self._loss_finite = None
-        bad_grads = model is not None and not _grads_finite(model)
+        # Under fp16 the grad scaler owns overflowing gradients: it skips that step and lowers its scale.
+        bad_grads = not getattr(args, "fp16", False) and model is not None and not _grads_finite(model)
         what = " and ".join(name for name, bad in (("loss", bad_loss), ("gradients", bad_grads)) if bad)
         if not any_rank(bool(what), args.device):
             self.consecutive = 0

@@ -423,18 +423,7 @@ def _check_bare(base: Base) -> None:
 
 
 def detach_reward_adapter(model):
-    """Unload the adapter, leaving the shared backbone exactly as it was.
-
-    PEFT's unload swaps each ``modules_to_save`` module for its trained copy; on the shared backbone
-    (``lora.modules_to_save: [embed_tokens]``) that would change the base for every later stage, so the
-    original modules go back first. The score head lives only on the throwaway classifier.
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, module.original_module)
+    """Unload the adapter (and the score head, which lives only on the throwaway classifier)."""
     return detach_adapter(model)
 
 

@@ -6,7 +6,10 @@
 - ``StageOutput``: the atomic output directory. Work happens in ``<output_dir>.partial/``; the
   finished directory appears by one rename, so an interrupted run never leaves a stage that looks
   finished. ``manifest.json`` records the resolved config, versions, hashes and file checksums.
-- Callbacks: rich progress, a non-finite loss guard, and the log history kept for ``metrics.json``.
+- Callbacks: rich progress, and the guard against non-finite losses and gradients.
+- ``fit``: the one way stages train. Resume from the last verified checkpoint, a checkpoint and a
+  clean exit (130) on SIGINT/SIGTERM, checkpoints written aside and renamed into place when whole,
+  free disk space checked before each one.
 """
 
 from __future__ import annotations
@@ -84,6 +87,28 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every process (issue 7). A no-op in a single process; under ``accelerate launch`` it
+    joins (and if needed starts) accelerate's process group, the same one the trainers use."""
+    if world_size() <= 1:
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def effective_batch(training) -> dict[str, Any]:
+    """What one optimizer step really sees across all processes (recorded in every manifest)."""
+    processes = world_size()
+    per_device = int(training.batch_size)
+    accumulation = int(training.gradient_accumulation_steps)
+    return {"world_size": processes, "per_device_batch_size": per_device,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": per_device * accumulation * processes,
+            "learning_rate": training.learning_rate}
 
 
 def seed_everything(seed: int) -> None:
@@ -619,15 +644,18 @@ class StageOutput:
         self._staging = self.work_dir / "result"
         self.started = time.time()
         self.timings: dict[str, float] = {}
-        self._recover_previous()
+        if is_main_process():
+            self._recover_previous()
         self._check_replaceable()
         if self.work_dir.exists() and not resume:
             if (self.work_dir / "checkpoints").is_dir():
                 print(f"lorelay: discarding the checkpoints of an unfinished earlier run in {self.work_dir} "
                       "(pass --resume to continue it instead)", file=sys.stderr)
-            shutil.rmtree(self.work_dir)
+            if is_main_process():  # under several processes only the main one deletes (issue 7)
+                shutil.rmtree(self.work_dir)
         if self._staging.exists():
-            shutil.rmtree(self._staging)  # a half-assembled result from a crash is never reused
+            if is_main_process():
+                shutil.rmtree(self._staging)  # a half-assembled result from a crash is never reused
         check_free_disk(self.work_dir)
 
     def _check_replaceable(self) -> None:
@@ -679,6 +707,7 @@ class StageOutput:
             "git_commit": git_commit(),
             "timings": self.timings,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"effective": effective_batch(config.training)} if hasattr(config, "training") else {}),
             **(extra or {}),
         }
         staging = self.staging

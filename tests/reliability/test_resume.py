@@ -12,7 +12,7 @@ import pytest
 from transformers import Trainer, TrainerCallback
 
 from stages.sft import run
-from stages.training import CHECKPOINT_MANIFEST, Interrupted, last_checkpoint, verify_output
+from stages.training import CHECKPOINT_MANIFEST, Interrupted, TrainingConfig, last_checkpoint, verify_output
 from tests.reliability.helpers import (assert_same_adapter, base, chat_file, checkpoints,  # noqa: F401
                                        sft_config, with_extra_callbacks)
 
@@ -111,7 +111,7 @@ def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
         (pending / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
         (pending / "trainer_state.json").write_text("{}")
         FakeTrainer.state.global_step = step
-        _seal_checkpoint(FakeTrainer, pending, folder / f"checkpoint-{step}", sft_config_training())
+        _seal_checkpoint(FakeTrainer, pending, folder / f"checkpoint-{step}", TrainingConfig())
     (folder / "checkpoint-8").mkdir()  # written outside lorelay's rename: no manifest
     (folder / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"bit rot")
 
@@ -120,12 +120,6 @@ def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
     assert "checkpoint-8: incomplete" in err and "checkpoint-6: adapter_model.safetensors does not match" in err
     manifest = json.loads((folder / "checkpoint-4" / CHECKPOINT_MANIFEST).read_text())
     assert manifest["step"] == 4 and set(manifest["files"]) == {"adapter_model.safetensors", "trainer_state.json"}
-
-
-def sft_config_training():
-    from stages.training import TrainingConfig
-
-    return TrainingConfig()
 
 
 def test_a_finished_stage_holds_no_pickle_files(reference):

@@ -111,7 +111,7 @@ def dpo_run(base, incoming, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dpo-run")
     data_file = write_jsonl(tmp / "pairs.jsonl", PAIRS)
-    config = dpo_config(tmp, data_file)
+    config = dpo_config(tmp, data_file, "training.max_steps=8")
     embedding_shape = base.model.get_input_embeddings().weight.shape
     base_storage = parameter_storage(base.model)
     base_before = digests(base.model)

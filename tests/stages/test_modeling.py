@@ -86,3 +86,17 @@ def test_4bit_path_trains_on_cpu(tiny_model_dir):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     detach_adapter(model)
+
+
+def test_detach_restores_modules_to_save(tiny_model_dir):
+    """A stage that trains embed_tokens in full must not leave its copy on the shared base."""
+    base = load_base(ModelConfig(name=str(tiny_model_dir)))
+    original = base.model.get_input_embeddings()
+    before = original.weight.detach().clone()
+    model = attach_adapter(base.model, LoraSettings(r=4, alpha=8, modules_to_save=["embed_tokens"]))
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name:
+            param.data.add_(1.0)
+    bare = detach_adapter(model)
+    assert bare.get_input_embeddings() is original
+    assert torch.equal(bare.get_input_embeddings().weight, before)
