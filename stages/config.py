@@ -8,6 +8,7 @@ the file, the line and the dotted key, so a typo in a 200-line recipe is found a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -168,7 +169,7 @@ class _Builder:
             reason = err.reason if isinstance(err, ConfigError) else str(err)
             key = err.field if isinstance(err, ConfigError) and err.field else prefix
             key = f"{prefix}.{key}" if prefix and key != prefix else key
-            self.fail(key, reason)
+            self.fail(key, reason, err.hint if isinstance(err, ConfigError) else None)
 
     def convert(self, tp: Any, value: Any, key: str) -> Any:
         origin = get_origin(tp)
@@ -265,12 +266,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def deep_merge(into: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merge ``other`` into a copy of ``into``; ``other`` wins on conflicts."""
-    merged = dict(into)
+    # Deep copies: YAML aliases (&anchor / *ref) make several sections one object, and a later
+    # override of one must not leak into the others.
+    merged = copy.deepcopy(dict(into))
     for key, value in other.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(dict(merged[key]), value)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

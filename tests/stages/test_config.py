@@ -81,3 +81,12 @@ def test_union_prefers_the_values_own_type():
 
     assert load_config(LoraSettings, None, ["target_modules=all-linear"]).target_modules == "all-linear"
     assert load_config(LoraSettings, None, ["target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]
+
+
+def test_deep_merge_copies_so_yaml_aliases_stay_independent():
+    from stages.config import deep_merge
+
+    shared = {"training": {"lr": 1}}
+    one, two = deep_merge({}, shared), deep_merge({}, shared)
+    one["training"]["lr"] = 2
+    assert two["training"]["lr"] == 1 and shared["training"]["lr"] == 1
