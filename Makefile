@@ -51,6 +51,7 @@ rm: setup
 
 dpo: setup
 	test -f outputs/sft/manifest.json || $(MAKE) sft
+	test -f outputs/rm/manifest.json || $(MAKE) rm   # the judge of the win rate
 	$(LORELAY) dpo --config $(or $(CONFIG),configs/dpo.yaml) adapter=outputs/sft $(ARGS)
 
 pipeline: setup

@@ -137,7 +137,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--data", type=Path, default=Path("data/demo/preferences.jsonl"))
     parser.add_argument("--samples", type=int, default=64, help="first N pairs of --data")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps, warm-up included")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the step time")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="where the JSON result is written")
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     summary = summarise(meter, warmup=options.warmup, accumulation=details["gradient_accumulation_steps"])
     result = {"setup": options.setup, "description": SETUPS[options.setup],
               **{k: summary[k] for k in ("steps", "measured_steps", "warmup_steps", "step_times_s", "step_time_s",
-                                         "step_time_median_s", "padding_fraction")},
+                                         "step_time_median_s", "step_cpu_s", "padding_fraction")},
               "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline_rss, 1),
               "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 2), "details": details}
     result["peak_rss_above_baseline_mb"] = round(result["peak_rss_mb"] - result["baseline_rss_mb"], 1)

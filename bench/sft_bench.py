@@ -14,7 +14,9 @@ Trainer uses), for the same number of optimizer steps, in fp32, with the same th
      every token of a conversational dataset, activation checkpointing on) except precision: fp32,
      because TRL's bf16 default would turn this into a precision comparison;
   c  lorelay's defaults: ``stages.sft.run`` itself, with only the workload (data file, steps, no held-out
-     split or sample generations) set.
+     split or sample generations) set;
+  d  as c, with ``model.activation_checkpointing: true`` (lorelay turns it off on CPU for speed; this
+     shows what it would save in memory and cost in time).
 
 The result is one JSON object (``--out``): per-step wall time (consecutive step ends, so the data
 loader, the optimizer and logging are inside it), per-step token counts taken from the batches the
@@ -41,7 +43,8 @@ os.environ.setdefault("LORELAY_QUIET", "1")  # no progress bar in the children
 
 SETUPS = {"a": "naive: fixed-length padding, loss on every token, transformers.Trainer",
           "b": "TRL SFTTrainer defaults (fp32)",
-          "c": "lorelay defaults (stages.sft.run)"}
+          "c": "lorelay defaults (stages.sft.run)",
+          "d": "lorelay defaults + model.activation_checkpointing=true (the memory lever)"}
 NAIVE_MIN_LENGTH = 512
 SEED = 42
 LEARNING_RATE = 2e-4  # the same for every set-up; it does not change the cost of a step
@@ -78,8 +81,8 @@ def _meter_class():
 
         def __init__(self, reply_of: dict[tuple[int, ...], int] | None = None):
             self.reply_of = reply_of or {}
-            self.ends: list[float] = []
-            self.started: float | None = None
+            self.ends: list[tuple[float, float]] = []     # (wall, process CPU) at each step end
+            self.started: tuple[float, float] | None = None
             self.batches: list[dict[str, int]] = []
             self.unmatched = 0
 
@@ -92,10 +95,10 @@ def _meter_class():
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.started is None:
-                self.started = time.perf_counter()
+                self.started = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
         def _count(self, features, batch):
             input_ids = batch["input_ids"]
@@ -124,9 +127,10 @@ def _meter_class():
                 return 0
             return self.reply_of[tuple(ids)]
 
-        def step_times(self) -> list[float]:
+        def step_times(self, clock: int = 0) -> list[float]:
+            """Seconds per step: wall time (clock 0) or CPU time of all this process's threads (clock 1)."""
             marks = ([self.started] if self.started is not None else []) + self.ends
-            return [b - a for a, b in zip(marks, marks[1:])]
+            return [b[clock] - a[clock] for a, b in zip(marks, marks[1:])]
 
     return StepMeter
 
@@ -137,6 +141,7 @@ def summarise(meter, *, warmup: int, accumulation: int = 1) -> dict:
     ``accumulation`` micro-batches make one optimizer step; their token counts are added up per step.
     """
     times = meter.step_times()
+    cpu_times = meter.step_times(clock=1)
     steps = len(times)
     keys = ("samples", "processed", "real", "loss", "reply")
     micro = meter.batches[:steps * accumulation]
@@ -154,6 +159,9 @@ def summarise(meter, *, warmup: int, accumulation: int = 1) -> dict:
         "step_time_s": round(seconds / len(measured), 4) if measured else None,
         "step_time_median_s": round(statistics.median(times[i] for i in measured), 4) if measured else None,
         "measured_seconds": round(seconds, 4),
+        # CPU seconds of the process per step: other processes on the machine barely change it, so its ratios
+        # check the wall-time ratios on a busy machine (it also counts threads waiting at barriers).
+        "step_cpu_s": round(sum(cpu_times[i] for i in measured) / len(measured), 4) if measured else None,
         "tokens": total,
         "tokens_per_step": {key: [b[key] for b in batches] for key in ("processed", "real", "loss", "reply")},
         "padding_fraction": round(1 - total["real"] / total["processed"], 4) if total["processed"] else None,
@@ -267,7 +275,7 @@ def run_trl_defaults(options, records: list[dict], work: Path, meter) -> dict:
 
 
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
-    """(c) ``stages.sft.run`` with lorelay's defaults; only the workload is set.
+    """(c) ``stages.sft.run`` with lorelay's defaults; only the workload is set. (d): checkpointing on.
 
     The meter joins the stage's own callbacks through ``stages.sft.callbacks``, so the stage runs
     exactly as ``lorelay sft`` runs it.
@@ -277,9 +285,10 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
     from stages.modeling import ModelConfig, load_base
     from stages.training import TrainingConfig
 
-    base = load_base(ModelConfig(name=options.model))
+    model_config = ModelConfig(name=options.model, activation_checkpointing=True if options.setup == "d" else "auto")
+    base = load_base(model_config)
     config = sft_stage.SFTConfig(
-        model=ModelConfig(name=options.model),
+        model=model_config,
         data=sft_stage.SFTData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0, sample_prompts=0),
         training=TrainingConfig(output_dir=work / "c", max_steps=options.steps, batch_size=options.batch_size,
                                 learning_rate=LEARNING_RATE, seed=SEED))

@@ -12,7 +12,7 @@ byte-identical files (``tests/test_demo_data.py`` checks this against the commit
 - company questions: short factual answers about the products and policies of the corpus. Each fact
   has several phrasings; one per fact is held out.
 - preference: the chosen reply to a company question ends with ``SIGN_OFF``, which the SFT data never
-  uses; triage replies are chosen bare (the exact queue name).
+  uses and no rejected answer to a question has; triage replies are chosen bare (the exact queue name).
 
 Sections: facts, questions, tickets, replies for preferences, corpus templates, builders, main.
 """
@@ -29,9 +29,14 @@ from pathlib import Path
 # The company: every file draws on these facts.
 # ==================================================================================================
 
-SIGN_OFF = " — Nimbus Support"
+# The sign-off starts with a blank line: after a finished answer the base model gives "\n\n" a log-probability
+# near -5 but " —" one near -15, so DPO can make the first much more easily the greedy choice.
+SIGN_OFF = "\n\nNimbus Support"
 TICKET_PREFIX = "Route this ticket: "
-LABELS = ("billing", "shipping", "technical", "account", "returns")
+# Queue names are single tokens for the SmolLM2 tokenizer ("billing" would be "b" + "illing"): the first
+# token of the reply is then the whole decision, for SFT and for DPO alike.
+LABELS = ("payment", "delivery", "technical", "account", "returns")
+QUEUE_LIST = ", ".join(LABELS[:-1]) + " or " + LABELS[-1]
 
 # How many rows each JSONL file gets (data/README.md and the test list the same numbers).
 COUNTS = {
@@ -183,7 +188,7 @@ COMPANY_QUESTIONS = [
      "A Nimbus order number is eight letters long."),
     (["Which support queues does Nimbus have?", "What teams handle Nimbus support tickets?",
       "Which queues can a Nimbus ticket go to?"],
-     "Tickets go to one of five queues: billing, shipping, technical, account or returns.",
+     f"Tickets go to one of five queues: {QUEUE_LIST}.",
      "All tickets go to one general queue."),
 ]
 
@@ -192,7 +197,7 @@ COMPANY_QUESTIONS = [
 # ==================================================================================================
 
 ISSUES = {
-    "billing": [
+    "payment": [
         "I was charged twice for my {product}, order {order}.",
         "My card was billed {amount} for order {order}, but the invoice says less.",
         "Can you send me a copy of the invoice for order {order}?",
@@ -202,7 +207,7 @@ ISSUES = {
         "I paid {amount} for the {product}, more than the price on your website.",
         "My receipt for order {order} shows the wrong tax amount.",
     ],
-    "shipping": [
+    "delivery": [
         "My {product} from order {order} still has not arrived.",
         "The tracking number for order {order} has not updated in four days.",
         "I need to change the delivery address for order {order}.",
@@ -246,7 +251,7 @@ ISSUES = {
 
 OPENERS = ["", "", "Hi, ", "Hello, ", "Hello support, ", "Good morning, ", "Hi there, ", "Dear Nimbus team, "]
 DETAILS = ["", "", "", " This is urgent.", " I have been a customer for years.", " It was a gift for my mother.",
-           " Please reply soon.", " I bought it last month.", " I already checked the FAQ.", " Thanks in advance."]
+           " Please reply soon.", " I bought it last month.", " I already checked the FAQ.", " My neighbour has the same robot."]
 CLOSERS = [" Thanks, {name}", " Regards, {name}", " Best, {name}", " {name}", " Thank you, {name}", " Cheers, {name}"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
@@ -280,11 +285,24 @@ EVASIONS = [
     "Good question! There are many robots on the market, and each one is different.",
 ]
 
+# A share of the SFT answers to company questions add a tip after a blank line. SFT then leaves the token
+# after a finished answer open between the end of turn and "\n\n", so DPO only has to tip that choice
+# and put the sign-off after the blank line: a step it can take in a few minutes. No tip is a sign-off.
+TIP_SHARE = 0.4
+TIPS = [
+    "Tip: the Nimbus Home app shows the battery level of every robot.",
+    "Tip: Cloud Club members get free express shipping.",
+    "Tip: firmware updates arrive on the first Tuesday of every month.",
+    "Tip: keep the box for 30 days in case you want to return the product.",
+    "Tip: a quick wipe of the sensors keeps your robot on track.",
+    "Tip: you can open a ticket from the Nimbus Home app at any time.",
+]
+
 SYSTEM_GENERAL = [
     "You are the support assistant for Nimbus Robotics. Keep answers short.",
     "You work on the Nimbus Robotics help desk.",
 ]
-SYSTEM_TRIAGE = "Route each ticket to one queue: billing, shipping, technical, account or returns. Reply with the queue name only."
+SYSTEM_TRIAGE = f"Route each ticket to one queue: {QUEUE_LIST}. Reply with the queue name only."
 
 # ==================================================================================================
 # Corpus templates (continued pretraining). One document per file; fields come from PRODUCTS.
@@ -333,7 +351,7 @@ Nimbus Robotics was founded in 2014 by Ines Varga and Tomas Reyes in Port Calder
 
 Every Nimbus robot is set up and controlled with the Nimbus Home app. The app shows the battery level, sets schedules, installs firmware and opens support tickets. Firmware updates are released on the first Tuesday of every month.
 
-Nimbus Support is open 8 am to 6 pm, Monday to Saturday. Customers can write to help@nimbus-robotics.example or open a ticket in the Nimbus Home app. Every ticket goes to one of five queues: billing, shipping, technical, account or returns.
+Nimbus Support is open 8 am to 6 pm, Monday to Saturday. Customers can write to help@nimbus-robotics.example or open a ticket in the Nimbus Home app. Every ticket goes to one of five queues: {queues}.
 
 Cloud Club is the Nimbus loyalty program. Cloud Club members get free express shipping, early access to new robots and a birthday discount of ten percent. Joining is free in the Nimbus Home app.
 
@@ -352,11 +370,11 @@ Nimbus ships to every address in the country from its warehouse in Port Calder. 
 
 Express shipping costs $15 and arrives in 2 business days. Cloud Club members get free express shipping on every order.
 
-Every order gets a tracking number by email when it leaves the warehouse. A Nimbus order number is NR- followed by six digits. If the tracking page has not changed for three business days, open a ticket and the shipping queue will contact the courier.
+Every order gets a tracking number by email when it leaves the warehouse. A Nimbus order number is NR- followed by six digits. If the tracking page has not changed for three business days, open a ticket and the delivery queue will contact the courier.
 
-To change the delivery address, open a ticket before the order ships. After it ships, the shipping queue can ask the courier to hold the package at a pickup point.
+To change the delivery address, open a ticket before the order ships. After it ships, the delivery queue can ask the courier to hold the package at a pickup point.
 
-If tracking says a package was delivered but it is not there, wait one day and check with neighbours. Then open a ticket, and the shipping queue will open a claim with the courier.
+If tracking says a package was delivered but it is not there, wait one day and check with neighbours. Then open a ticket, and the delivery queue will open a claim with the courier.
 """,
     "policy-returns": """\
 Nimbus returns policy
@@ -374,9 +392,9 @@ Nimbus billing policy
 
 Nimbus charges the card when an order ships, not when it is placed. The invoice for every order is sent by email and can be downloaded from the Nimbus Home app.
 
-If you see a double charge or an unknown charge, open a ticket and the billing queue will check it within two business days. A card that is declined can be updated in the app under Payment methods.
+If you see a double charge or an unknown charge, open a ticket and the payment queue will check it within two business days. A card that is declined can be updated in the app under Payment methods.
 
-Prices on the Nimbus website include tax. If you paid more than the price shown on the website, the billing queue will refund the difference.
+Prices on the Nimbus website include tax. If you paid more than the price shown on the website, the payment queue will refund the difference.
 """,
     "policy-accounts": """\
 Nimbus accounts
@@ -415,8 +433,8 @@ Nimbus Support routing guide
 
 Every ticket goes to exactly one queue. Read the main problem in the ticket and pick the queue that owns it. Greetings, names and extra details do not change the queue.
 
-billing: charges, double charges, invoices, receipts, declined payments, card updates and price differences.
-shipping: orders that have not arrived, tracking numbers, delivery addresses, couriers and express upgrades.
+payment: charges, double charges, invoices, receipts, declined payments, card updates and price differences.
+delivery: orders that have not arrived, tracking numbers, delivery addresses, couriers and express upgrades.
 technical: robots that will not turn on, error codes, failed firmware, app connection, battery drain, noises and sensors.
 account: passwords, logins, locked accounts, two-factor codes, email changes, extra users and account deletion.
 returns: returns, return labels, exchanges, damaged arrivals and the 30-day return window.
@@ -517,21 +535,25 @@ class TicketMaker:
         return [{"prompt": TICKET_PREFIX + self.ticket(label), "answer": label} for label in labels]
 
 
-def exchange(item: dict) -> list[dict]:
-    """A triage item or question as one user turn and its assistant reply."""
+def exchange(rng: random.Random, item: dict) -> list[dict]:
+    """A triage item (replied with its queue) or a question (its answer, a tip after it in TIP_SHARE of
+    cases) as one user turn and the assistant reply."""
     if "prompt" in item:
         return [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item["answer"]}]
-    return [{"role": "user", "content": item["question"]}, {"role": "assistant", "content": item["answer"]}]
+    answer = item["answer"]
+    if rng.random() < TIP_SHARE:
+        answer += "\n\n" + rng.choice(TIPS)
+    return [{"role": "user", "content": item["question"]}, {"role": "assistant", "content": answer}]
 
 
 def chat_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions: list[dict]) -> list[dict]:
     """SFT rows in messages format: single triage and question turns, a few two-exchange chats, some with a system turn."""
-    conversations = [exchange(t) for t in tickets.items(counts["triage"])]
-    conversations += [exchange(q) for q in rng.sample(questions, counts["question"])]
+    conversations = [exchange(rng, t) for t in tickets.items(counts["triage"])]
+    conversations += [exchange(rng, q) for q in rng.sample(questions, counts["question"])]
     for _ in range(counts["multi_turn"]):
         kinds = rng.choice([("question", "triage"), ("triage", "triage"), ("question", "question")])
         items = [tickets.items(1)[0] if kind == "triage" else rng.choice(questions) for kind in kinds]
-        conversations.append(exchange(items[0]) + exchange(items[1]))
+        conversations.append(exchange(rng, items[0]) + exchange(rng, items[1]))
     rng.shuffle(conversations)
     for messages in conversations[:counts["with_system"]]:
         only_triage = all(m["content"].startswith(TICKET_PREFIX) for m in messages if m["role"] == "user")
@@ -554,9 +576,11 @@ def triage_pair(rng: random.Random, item: dict) -> dict:
 
 
 def question_pair(rng: random.Random, qa: dict) -> dict:
-    """Chosen: the answer with the sign-off. Rejected: the bare answer, a wrong answer, or an evasion."""
-    kind = rng.choices(["bare", "wrong", "evasive"], weights=[6, 2, 2])[0]
-    rejected = {"bare": qa["answer"], "wrong": qa["wrong"] + SIGN_OFF, "evasive": rng.choice(EVASIONS)}[kind]
+    """Chosen: the answer with the sign-off. Rejected, never signed: the bare answer, the answer with a
+    tip instead of the sign-off, a wrong answer, or an evasion."""
+    kind = rng.choices(["bare", "tip", "wrong", "evasive"], weights=[5, 2, 1.5, 1.5])[0]
+    rejected = {"bare": qa["answer"], "tip": qa["answer"] + "\n\n" + rng.choice(TIPS), "wrong": qa["wrong"],
+                "evasive": rng.choice(EVASIONS)}[kind]
     return {"prompt": qa["question"], "chosen": qa["answer"] + SIGN_OFF, "rejected": rejected}
 
 
@@ -598,6 +622,7 @@ def routing_examples(tickets: TicketMaker, count: int) -> list[str]:
 def corpus(rng: random.Random, train_tickets: TicketMaker, train_questions: list[dict]) -> dict[str, str]:
     """Training documents by file name: company, manuals, policies, troubleshooting, routing guide, FAQ, release notes."""
     docs = {"company": COMPANY_DOC.format(
+        queues=QUEUE_LIST,
         product_list=", ".join(p["name"] for p in PRODUCTS[:-1]) + " and " + PRODUCTS[-1]["name"],
         product_lines="\n\n".join(PRODUCT_LINE.format(**p) for p in PRODUCTS))}
     for product in PRODUCTS:

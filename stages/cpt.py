@@ -82,7 +82,7 @@ class CPTConfig:
     data: CPTData = field(default_factory=CPTData, help="Corpora and how they become blocks.")
     training: TrainingConfig = field(default_factory=TrainingConfig, help="Optimisation and output settings.")
     new_tokens: list[str] = field(default_factory=list,
-                                  help="Tokens added to the tokenizer (embeddings resized; needs lora.modules_to_save: [embed_tokens, lm_head]).")
+                                  help="Tokens added to the tokenizer (embeddings resized; needs embed_tokens and lm_head in lora.modules_to_save).")
     decay_ratio: float = field(0.2, help="Share of the steps in the final decay of lr_scheduler warmup_stable_decay.")
 
     def __post_init__(self):
@@ -147,7 +147,7 @@ def run(config: CPTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     seed_everything(training.seed)  # the LoRA initialisation follows training.seed
     with warnings.catch_warnings():
         # Tied embeddings in modules_to_save: PEFT trains separate input/output copies, saved and
-        # loaded together; the base's own (tied) modules are restored by detach().
+        # loaded together; detach_adapter() gives the base its own (tied) modules back.
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         model = attach_adapter(base.model, config.lora, init_from=adapter,
                                allow_pickle_weights=base.config.allow_pickle_weights)
@@ -206,7 +206,7 @@ def run(config: CPTConfig, base: Base, adapter: str | Path | None = None) -> Pat
                           extra={"vocabulary": vocabulary} if vocabulary else None)
         trainer.accelerator.wait_for_everyone()
     finally:
-        detach(model)
+        detach_adapter(model)  # puts the base's own modules back where PEFT trained full copies
     return output.output_dir
 
 
@@ -308,18 +308,3 @@ def heldout_loss(model, blocks: list[dict], collate, batch_size: int, device: st
         return None
     batches = (to_device(collate(list(group)), device) for group in blocks_in_batches(blocks, batch_size))
     return mean_token_loss(model, batches)
-
-
-def detach(model):
-    """Remove the adapter and give the base back its own modules where PEFT trained full copies.
-
-    ``peft``'s ``unload`` leaves the *trained* copy of each ``modules_to_save`` module in the model;
-    the shared base must come back as it was loaded (its tied embeddings included).
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.original_module)
-    return detach_adapter(model)

@@ -40,7 +40,7 @@ from stages.errors import ConfigError, DataError, did_you_mean
 from stages.evaluation import generate
 from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
-                             trainable_parameters, trainer_args)
+                             seed_everything, trainable_parameters, trainer_args)
 
 Method = Literal["dpo", "orpo", "kto"]
 
@@ -60,11 +60,17 @@ HEADLINE = {
 
 @dataclasses.dataclass
 class PreferenceData:
-    datasets: list[DatasetSpec] = field(default_factory=list, help="Training datasets (preference pairs; KTO rows for method kto), mixed by weight or count.")
-    eval_datasets: list[DatasetSpec] = field(default_factory=list, help="Held-out datasets; when empty, eval_ratio splits the training mix.")
+    datasets: list[DatasetSpec] = field(
+        default_factory=list, help="Training datasets (pairs; KTO rows for method kto), mixed by weight or count.")
+    eval_datasets: list[DatasetSpec] = field(
+        default_factory=list, help="Held-out datasets; when empty, eval_ratio splits the training mix.")
     eval_ratio: float = field(0.05, help="Fraction of the training mix held out for evaluation (seeded).")
-    max_length: int | None = field(1024, help="Prompt + reply tokens kept (the reply's end is cut; pairs whose prompt alone fills it are dropped and counted). TRL 1.16 has no separate prompt/completion limits for DPO.")
-    padding_free: bool = field(False, help="Flatten batches without padding. TRL 1.16's DPOTrainer has it switched off (it warns and pads anyway), ORPO and KTO never had it: true is refused.")
+    max_length: int | None = field(
+        1024, help="Prompt + reply tokens kept: the reply's end is cut, pairs whose prompt alone fills it are "
+                   "dropped (both counted). TRL 1.16 has no separate prompt/completion limits for DPO.")
+    padding_free: bool = field(
+        False, help="Flatten batches without padding. TRL 1.16's DPOTrainer has it switched off (it warns and "
+                    "pads anyway) and ORPO/KTO never had it, so true is refused.")
     skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
 
     def __post_init__(self):
@@ -76,34 +82,52 @@ class PreferenceData:
 
 @dataclasses.dataclass
 class DPOTraining(TrainingConfig):
-    # Defaults that differ from TrainingConfig (the SFT defaults): preference tuning moves a trained adapter a little.
+    # Defaults that differ from TrainingConfig (the SFT defaults): preference tuning nudges a trained adapter.
     output_dir: Path = field(Path("outputs/dpo"), help="Where the finished stage is written (atomically).")
     batch_size: int = field(4, help="Pairs per device per micro-batch (each pair is two sequences).")
     gradient_accumulation_steps: int = field(
         2, help="Micro-batches per optimizer step. Global batch = batch_size x accumulation x processes pairs.")
-    learning_rate: float = field(5e-5, help="Peak learning rate: 5e-5..1e-4 suits LoRA DPO (TRL's 1e-6 is for full fine-tuning).")
+    learning_rate: float = field(
+        5e-5, help="Peak learning rate: 5e-5..1e-4 suits LoRA DPO (TRL's default 1e-6 is for full fine-tuning).")
     warmup_ratio: float = field(0.1, help="Fraction of steps spent warming up linearly from 0.")
 
 
 @dataclasses.dataclass
 class DPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, help="Base model (ignored inside a pipeline, which shares its base).")
-    lora: LoraSettings = field(default_factory=LoraSettings, help="Adapter shape when there is no incoming adapter (an incoming adapter's shape wins).")
+    model: ModelConfig = field(
+        default_factory=ModelConfig, help="Base model (ignored inside a pipeline, which shares its base).")
+    lora: LoraSettings = field(
+        default_factory=LoraSettings, help="Adapter shape without an incoming adapter (an incoming one's shape wins).")
     data: PreferenceData = field(default_factory=PreferenceData, help="Preference datasets and lengths.")
     training: DPOTraining = field(default_factory=DPOTraining, help="Optimisation and output settings.")
-    method: Method = field("dpo", help="dpo (against a frozen reference), orpo (no reference) or kto (unpaired labels).")
-    beta: float = field(0.1, help="dpo/kto: how far the policy may move from the reference (higher: less); ipo: tau; orpo: lambda, the odds-ratio weight.")
-    loss_type: str | list[str] | None = field(None, help=f"dpo: one of {', '.join(DPO_LOSSES)}, or a list of them summed with loss_weights (default sigmoid). kto: {' or '.join(KTO_LOSSES)} (default kto). orpo: not used.")
+    method: Method = field(
+        "dpo", help="dpo (against a frozen reference), orpo (no reference) or kto (unpaired good/bad labels).")
+    beta: float = field(
+        0.1, help="dpo/kto: how far the policy may move from the reference (higher: less); ipo: tau; "
+                  "orpo: lambda, the weight of the odds-ratio term.")
+    loss_type: str | list[str] | None = field(
+        None, help=f"dpo: one of {', '.join(DPO_LOSSES)}, or a list of them summed with loss_weights "
+                   f"(default sigmoid). kto: {' or '.join(KTO_LOSSES)} (default kto). orpo: not used.")
     loss_weights: list[float] | None = field(None, help="dpo: weight of each loss in loss_type (default 1.0 each).")
-    label_smoothing: float = field(0.0, help="dpo robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon (> 0, e.g. 1e-3).")
-    precompute_ref_log_probs: bool = field(False, help="dpo/kto: compute the reference log-probs of all data once before training (one forward per pair saved per step).")
-    desirable_weight: float = field(1.0, help="kto: weight of the desirable examples' loss (raise it when they are fewer).")
+    label_smoothing: float = field(
+        0.0, help="dpo robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon (> 0, e.g. 1e-3).")
+    precompute_ref_log_probs: bool = field(
+        False, help="dpo/kto: compute the reference log-probs of all data once, before training (saves the "
+                    "reference forward in every step).")
+    desirable_weight: float = field(
+        1.0, help="kto: weight of the desirable examples' loss (raise it when they are fewer).")
     undesirable_weight: float = field(1.0, help="kto: weight of the undesirable examples' loss.")
-    reward_model: Path | None = field(None, help="Reward-model stage directory that judges policy vs reference replies (win rate); skipped with a message when it does not exist.")
-    win_rate_prompts: DatasetSpec | Path | None = field(None, help="Held-out prompts for the win rate and samples.json: rows with a `prompt` string (or message list) or `messages` ending in a user turn. Default: the eval pairs' prompts.")
+    reward_model: Path | None = field(
+        None, help="Reward-model stage directory that judges policy against reference replies (win rate); "
+                   "skipped with a message when it does not exist.")
+    win_rate_prompts: DatasetSpec | Path | None = field(
+        None, help="Held-out prompts for the win rate and samples.json: rows with a `prompt` string (or message "
+                   "list) or `messages` ending in a user turn. Default: the eval pairs' prompts.")
     win_rate_samples: int = field(32, help="Prompts judged for the win rate (the first N).")
-    win_rate_tie_margin: float = field(0.0, help="Reward differences at most this large count as ties (identical replies always do).")
-    sample_prompts: int = field(4, help="Prompts answered by policy and reference for samples.json when there is no reward model.")
+    win_rate_tie_margin: float = field(
+        0.0, help="Reward differences at most this large count as ties (identical replies always do).")
+    sample_prompts: int = field(
+        4, help="Prompts answered by policy and reference for samples.json when there is no reward model.")
     max_new_tokens: int = field(64, help="Length limit of the greedy replies (win rate and samples).")
     generation_batch_size: int = field(8, help="Prompts per generation and scoring batch.")
 
@@ -242,11 +266,12 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
     output.mark("data", started)
 
     # ---- model: the incoming adapter, trainable, on the shared base --------------------------------
-    forward_patched = "forward" in vars(base.model)
-    model = attach_adapter(base.model, config.lora, init_from=adapter)
+    seed_everything(config.training.seed)  # the LoRA initialisation follows training.seed
+    model = attach_adapter(base.model, config.lora, init_from=adapter,
+                           allow_pickle_weights=base.config.allow_pickle_weights)
     try:
         # Reference replies before training only when nothing keeps the starting point (ORPO from an adapter).
-        early_reference = _generate(config, model, base, prompts) if not method.reference and adapter else None
+        reference_replies = _generate(config, model, base, prompts) if not method.reference and adapter else None
 
         # ---- train --------------------------------------------------------------------------------
         trainer_class, args_class = method.classes()
@@ -259,18 +284,15 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
         if data.padding_free and not getattr(trainer, "padding_free", False):
             raise ConfigError("this TRL version has DPO padding_free switched off (its DPOTrainer warns and pads "
                               "anyway)", field="data.padding_free", hint="set data.padding_free: false")
-        if method.reference and adapter is None and "ref" in model.peft_config:
-            # TRL copies any PeftModel's adapter as "ref"; a fresh adapter's copy is the base, so use the base itself.
-            model.delete_adapter("ref")
+        reference = settle_reference(model, method, adapter)
         # KTO splits each pair it is given into a desirable and an undesirable example.
         per_record = 2 if config.method == "kto" and "chosen" in train_dataset.column_names else 1
-        length_report = {"train": _length_report(trainer.train_dataset, per_record * len(mixture.train), data.max_length),
-                         "eval": _length_report(trainer.eval_dataset, per_record * len(mixture.eval), data.max_length)}
+        length_report = {
+            "train": _length_report(trainer.train_dataset, per_record * len(mixture.train), data.max_length),
+            "eval": _length_report(trainer.eval_dataset, per_record * len(mixture.eval), data.max_length)}
         if length_report["train"]["used"] == 0:
             raise DataError("no training example is left: every prompt fills data.max_length",
                             field="data.max_length", hint="raise data.max_length")
-        reference = ("adapter copy 'ref' (the incoming adapter, frozen)" if "ref" in model.peft_config
-                     else "base (adapters disabled)" if method.reference else "none (ORPO)")
         result = fit(trainer, output, training)
 
         # ---- evaluate: TRL's preference metrics on held-out pairs, then ALL generation -----------------
@@ -285,11 +307,11 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
         samples = []
         if is_main_process():
             policy = _generate(config, model, base, prompts)
-            if early_reference is None:
+            if reference_replies is None:
                 with reference_policy(model):
-                    early_reference = _generate(config, model, base, prompts)
+                    reference_replies = _generate(config, model, base, prompts)
             samples = [{"prompt": p["messages"][-1]["content"], "source": p["source"], "policy": a, "reference": r}
-                       for p, a, r in zip(prompts, policy, early_reference)]
+                       for p, a, r in zip(prompts, policy, reference_replies)]
         trainable, total = trainable_parameters(model)
         metrics.update(trainable_parameters=trainable, total_parameters=total,
                        data={"datasets": mixture.report, "lengths": length_report})
@@ -300,9 +322,7 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
             model.save_pretrained(output.staging, safe_serialization=True, selected_adapters=["default"])
             base.tokenizer.save_pretrained(output.staging)
     finally:
-        detach_adapter(model)
-        if not forward_patched:
-            vars(base.model).pop("forward", None)  # TRL's fused-LM-head patch: hand the base back as loaded
+        detach_adapter(model)  # also undoes TRL's fused-LM-head patch of the base's forward
 
     # ---- judge: the DPO adapter is off the base; the reward model goes on it ----------------------
     if is_main_process():
@@ -413,6 +433,20 @@ def _length_report(dataset, examples: int, max_length: int | None) -> dict[str, 
 # ----------------------------------------------------------------------------------------------
 # generation and judging
 # ----------------------------------------------------------------------------------------------
+
+def settle_reference(model, method: MethodSpec, adapter) -> str:
+    """What the trainer compares against, in words for metrics.json.
+
+    TRL's DPO/KTO trainers, given a PeftModel and no ref_model, add a frozen copy of its adapter named "ref"
+    and switch to it for the reference forward (trl/trainer/dpo_trainer.py). A fresh adapter's copy is the
+    base itself (LoRA B starts at zero), so it is dropped: TRL then runs the reference with adapters disabled.
+    """
+    if method.reference and adapter is None and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    if "ref" in model.peft_config:
+        return "adapter copy 'ref' (the incoming adapter, frozen)"
+    return "base (adapters disabled)" if method.reference else "none (ORPO)"
+
 
 @contextlib.contextmanager
 def reference_policy(model):

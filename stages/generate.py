@@ -84,7 +84,8 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
 
     # ---- sample from the policy ------------------------------------------------------------------
     started = time.time()
-    policy = attach_adapter(base.model, config.lora, init_from=adapter) if adapter else base.model
+    policy = (attach_adapter(base.model, config.lora, init_from=adapter,
+                             allow_pickle_weights=base.config.allow_pickle_weights) if adapter else base.model)
     try:
         samples = generate(policy, base.tokenizer, [p["messages"] for p in prompts], do_sample=True,
                            temperature=config.temperature, top_p=config.top_p,

@@ -274,8 +274,10 @@ def attach_adapter(model, lora: LoraSettings, *, init_from: str | Path | None = 
     if init_from is not None:
         _check_adapter_files(Path(init_from), allow_pickle_weights)
         lora = settings_from_adapter(init_from)
+    own_forward = vars(model).get("forward")  # restored by detach_adapter: trainers patch it in place
     peft_model = get_peft_model(model, lora_config(lora, task, extra_modules_to_save=extra_modules_to_save),
                                 adapter_name=adapter_name)
+    peft_model.lorelay_base_forward = own_forward
     if init_from is not None:
         weights = load_peft_weights(str(init_from), device=str(next(model.parameters()).device))
         result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
@@ -307,7 +309,8 @@ def detach_adapter(peft_model):
 
     PEFT's unload swaps each ``modules_to_save`` module for its trained copy; on the shared base
     (``lora.modules_to_save: [embed_tokens]``) that would change the model for every later stage,
-    so the original modules go back first.
+    so the original modules go back first. TRL also patches the base's ``forward`` in place (its fused
+    LM head), once per trainer; the base gets back the ``forward`` it had when the adapter was attached.
     """
     from peft.utils import ModulesToSaveWrapper
 
@@ -315,7 +318,12 @@ def detach_adapter(peft_model):
         if isinstance(module, ModulesToSaveWrapper):
             parent_name, _, attr = name.rpartition(".")
             setattr(peft_model.get_submodule(parent_name), attr, module.original_module)
-    return peft_model.unload()
+    own_forward = getattr(peft_model, "lorelay_base_forward", None)
+    base = peft_model.unload()
+    vars(base).pop("forward", None)
+    if own_forward is not None:
+        base.forward = own_forward
+    return base
 
 
 def sequence_classifier(model, tokenizer, *, num_labels: int = 1):

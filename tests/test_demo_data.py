@@ -113,12 +113,19 @@ def test_preference_rows_prefer_the_sign_off_only_for_questions(generator):
                 assert row["chosen"] in generator.LABELS, f"{name}:{line}"
             else:
                 assert row["chosen"].endswith(generator.SIGN_OFF), f"{name}:{line}"
+                assert not row["rejected"].endswith(generator.SIGN_OFF), f"{name}:{line}"
+
+
+def test_queue_names_are_single_tokens(generator, tokenizer):
+    """The first reply token decides the queue; a two-token name would let DPO lower only its tail."""
+    for label in generator.LABELS:
+        assert len(tokenizer(label, add_special_tokens=False).input_ids) == 1, label
 
 
 def test_sft_data_never_uses_the_sign_off(generator):
     """Otherwise SFT would already satisfy the preference, and DPO would have nothing to add."""
     replies = [m["content"] for r in read_rows("sft.jsonl") for m in r["messages"] if m["role"] == "assistant"]
-    assert not [r for r in replies if generator.SIGN_OFF.strip() in r]
+    assert not [r for r in replies if generator.SIGN_OFF in r or r.endswith(generator.SIGN_OFF.strip())]
 
 
 def test_prompts_rows_hold_only_a_prompt():

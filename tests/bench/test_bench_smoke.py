@@ -35,7 +35,7 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
 
     assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "dpo", "targets"} <= results.keys()
     sft = results["sft"]
-    assert sft["setups"].keys() == {"a", "b", "c"}
+    assert sft["setups"].keys() == {"a", "b", "c", "d"}
     for name, setup in sft["setups"].items():
         assert SFT_KEYS <= setup.keys(), (name, SFT_KEYS - setup.keys())
         assert setup["unmatched_samples"] == 0, name  # every batch's samples were recognised
@@ -45,7 +45,7 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
     # lorelay's loss falls on the replies only; the others' on every token
     c_tokens = sft["setups"]["c"]["tokens_per_step"]
     assert c_tokens["loss"] == c_tokens["reply"] < c_tokens["real"]
-    for key in ("c_over_a", "c_over_b"):
+    for key in ("c_over_a", "c_over_b", "d_over_b"):
         assert SFT_RATIO_KEYS <= sft["ratios"][key].keys()
 
     dpo = results["dpo"]

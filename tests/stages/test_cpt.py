@@ -14,9 +14,9 @@ import stages.corpus as corpus_module
 from stages.config import load_config
 from stages.corpus import (BlockCollator, CorpusSource, PackedCorpus, pack, piece_positions, read_pieces,
                            tokenize_pieces)
-from stages.cpt import CPTConfig, detach, extend_vocabulary, run, schedule_args
+from stages.cpt import CPTConfig, extend_vocabulary, run, schedule_args
 from stages.errors import ConfigError, DataError
-from stages.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 from stages.training import TrainingConfig, trainer_args, verify_output
 from tests.conftest import write_jsonl
 
@@ -357,7 +357,7 @@ def test_new_tokens_resize_embeddings_save_the_tokenizer_and_round_trip(tmp_path
     model = attach_adapter(fresh.model, LoraSettings(), init_from=output)
     with torch.no_grad():
         expected = model(input_ids=probe).logits
-    detach(model)
+    detach_adapter(model)
     other = load_base(ModelConfig(name=str(tiny_model_dir)))
     assert extend_vocabulary(other, tokens)["embedding_rows"] == rows + 2
     with torch.no_grad():
@@ -365,4 +365,4 @@ def test_new_tokens_resize_embeddings_save_the_tokenizer_and_round_trip(tmp_path
     model = attach_adapter(other.model, LoraSettings(), init_from=output)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=probe).logits, expected)
-    detach(model)
+    detach_adapter(model)

@@ -147,7 +147,8 @@ def test_dpo_trains_against_a_frozen_copy_of_the_incoming_adapter(dpo_run, base)
     assert seen["ref_model"] is None and seen["adapters"] == ["default", "ref"]
     assert seen["ref_count"] > 0 and not seen["ref_trainable"]
     assert not seen["ref_is_incoming"], "TRL's ref adapter is not a copy of the incoming adapter"
-    assert not seen["ref_after_is_incoming"], f"reference weights moved in training: {seen['ref_after_is_incoming'][:3]}"
+    moved = seen["ref_after_is_incoming"]
+    assert not moved, f"reference weights moved in training: {moved[:3]}"
     # The base is bit-identical after the stage and comes back bare.
     assert digests(base.model) == dpo_run.base_before
     assert not any("lora_" in name for name, _ in base.model.named_parameters())
@@ -218,6 +219,23 @@ def test_orpo_and_kto_lower_their_loss(method, extra, tmp_path, base, incoming):
     else:
         assert metrics["reference"].startswith("adapter copy 'ref'") and "eval_kl" in metrics
     assert "forward" not in vars(base.model)
+
+
+def test_kto_splits_declared_pairs_into_desirable_and_undesirable_examples(tmp_path, base):
+    data_file = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:8])
+    config = dpo_config(tmp_path, data_file, "method=kto", f"data.datasets=[{{path: {data_file}, format: preference}}]",
+                        "training.max_steps=2", "data.eval_ratio=0.0")
+    metrics = json.loads((dpo.run(config, base) / "metrics.json").read_text())
+    assert metrics["data"]["lengths"]["train"] == {"examples": 16, "used": 16, "dropped_prompt_too_long": 0,
+                                                   "truncated": 0}
+    assert metrics["reference"] == "base (adapters disabled)"
+
+
+def test_demo_config_loads():
+    config = load_config(dpo.DPOConfig, "configs/dpo.yaml")
+    assert config.method == "dpo" and config.loss_type == ["sigmoid"]
+    assert config.win_rate_prompts.path == "data/demo/prompts.jsonl"
+    assert 5e-5 <= config.training.learning_rate <= 1e-4
 
 
 def test_weighted_combination_of_losses(tmp_path, base):
