@@ -288,8 +288,10 @@ def parent(options) -> int:
             code = subprocess.run(command).returncode
             run = json.loads(out.read_text()) if out.exists() else {**combo, "error": f"exit code {code}"}
             if "tokens_per_s" in run:
-                run["mfu_4n"] = round(run["achieved_tflops_4n"] * 1e12 / rate, 4)
-                run["mfu_6n"] = round(run["achieved_tflops_6n"] * 1e12 / rate, 4)
+                # From the unrounded rate: the rounded TFLOP/s figures are 0.0x on a dry run.
+                flops_per_token = run["n_matmul_params"] * run["tokens_per_s"]
+                run["mfu_4n"] = round(4 * flops_per_token / rate, 6)
+                run["mfu_6n"] = round(6 * flops_per_token / rate, 6)
                 results["n_matmul_params"] = run["n_matmul_params"]
             results["runs"].append(run)
             print(json.dumps(run), flush=True)

@@ -17,7 +17,7 @@ COLUMNS = [
     ("held-out ppl", ("heldout_perplexity",), "{:.2f}"),
     ("eval loss", ("eval_loss",), "{:.3f}"),
     ("RM acc", ("eval_accuracy", "accuracy"), "{:.1%}"),
-    ("DPO reward acc", ("eval_rewards/accuracies", "rewards/accuracies"), "{:.1%}"),
+    ("DPO reward acc", ("eval_reward_accuracy", "eval_rewards/accuracies"), "{:.1%}"),
     ("win vs parent", ("win_rate_vs_parent",), "{:.1%}"),
     ("loss vs parent", ("loss_rate_vs_parent",), "{:.1%}"),
     ("pairs", ("pairs",), "{:d}"),

@@ -53,6 +53,7 @@ class TrainingConfig:
     lr_scheduler: Scheduler = field("cosine", help="Learning-rate schedule after warmup.")
     warmup_ratio: float = field(0.05, help="Fraction of steps spent warming up linearly from 0.")
     min_lr_ratio: float = field(0.1, help="Floor of cosine_with_min_lr / warmup_stable_decay, as a fraction of the peak.")
+    decay_ratio: float = field(0.1, help="warmup_stable_decay: share of the steps spent in the final decay.")
     weight_decay: float = field(0.0, help="AdamW weight decay.")
     max_grad_norm: float = field(1.0, help="Gradient clipping norm.")
     optimizer: str = field("auto", help="transformers optimizer name; auto: adamw_torch_fused on CUDA, adamw_torch on CPU.")
@@ -229,6 +230,23 @@ CHECKPOINT_MANIFEST = "lorelay-checkpoint.json"
 PENDING_CHECKPOINTS = ".incomplete"  # under checkpoints/: where a checkpoint is written before its rename
 
 
+def _set_decay_steps(trainer, training: TrainingConfig) -> None:
+    """Give warmup_stable_decay its decay length, which transformers needs in steps, not as a share.
+
+    A stage that already set ``num_decay_steps`` (CPT plans its steps itself) keeps its value.
+    """
+    kwargs = trainer.args.lr_scheduler_kwargs or {}
+    if training.lr_scheduler != "warmup_stable_decay" or kwargs.get("num_decay_steps"):
+        return
+    args = trainer.args
+    if args.max_steps > 0:
+        total = args.max_steps
+    else:
+        batches = len(trainer.get_train_dataloader())
+        total = math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
+    args.lr_scheduler_kwargs = {**kwargs, "num_decay_steps": max(1, round(total * training.decay_ratio))}
+
+
 def fit(trainer, output: "StageOutput", training: TrainingConfig):
     """Run ``trainer.train`` for a stage. Every stage trains through here, so all of them:
 
@@ -244,6 +262,7 @@ def fit(trainer, output: "StageOutput", training: TrainingConfig):
     from stages.progress import CheckpointControl, NonFiniteGuard, NonFiniteLoss
 
     started = time.time()
+    _set_decay_steps(trainer, training)
     resume_from = None
     if training.resume:
         resume_from = last_checkpoint(output.work_dir)

@@ -49,3 +49,27 @@ def test_a_missing_config_file_suggests_its_neighbour(tmp_path):
     done = lorelay_sft(tmp_path / "stf.yaml")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{tmp_path / 'stf.yaml'}: config file not found (did you mean '{tmp_path / 'sft.yaml'}'?)" in done.stderr
+
+
+def test_warmup_stable_decay_really_decays(tmp_path, tiny_model_dir):
+    """transformers reads num_decay_steps=0 as 'never decay'; fit() derives it from decay_ratio."""
+    import json
+
+    from stages.config import load_config
+    from stages.modeling import ModelConfig, load_base
+    from stages.sft import SFTConfig, run
+    from tests.conftest import write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(16)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    config = load_config(SFTConfig, None, [
+        f"data.datasets=[{{path: {data}}}]", "data.eval_ratio=0.0", "data.sample_prompts=0",
+        f"training.output_dir={tmp_path / 'out'}", "training.max_steps=10", "training.batch_size=2",
+        "training.lr_scheduler=warmup_stable_decay", "training.decay_ratio=0.3", "training.warmup_ratio=0.0",
+        "training.logging_steps=1", "training.min_lr_ratio=0.0", "lora.r=2", "lora.alpha=4"])
+    output = run(config, load_base(ModelConfig(name=str(tiny_model_dir))))
+    rates = [e["learning_rate"] for e in json.loads((output / "metrics.json").read_text())["log_history"]
+             if "learning_rate" in e]
+    assert rates[0] == rates[5] == config.training.learning_rate
+    assert rates[-1] < 0.5 * config.training.learning_rate
