@@ -3,6 +3,7 @@
     python bench/dpo_bench.py --make-adapter /tmp/sft-adapter           # the incoming "SFT" adapter, once
     python bench/dpo_bench.py --setup lorelay --adapter /tmp/sft-adapter --out /tmp/lorelay.json
     python bench/dpo_bench.py --setup trl --adapter /tmp/sft-adapter --out /tmp/trl.json
+    python bench/dpo_bench.py --make-model /tmp/big --shape smollm2-1.7b   # random weights, no download
 
 Both set-ups continue the same adapter with DPO on the same pairs (the first ``--samples`` of the bundled
 preference data, in lorelay's seeded order), with the same batch, accumulation, learning rate, beta,
@@ -17,6 +18,11 @@ max_length and precision, for the same number of optimizer steps:
 Activation checkpointing follows lorelay's device default (off on CPU) in both, so the ratios isolate
 how the reference is held. The incoming adapter has random (not zero) lora_B, so the reference differs
 from the bare base as a real SFT adapter would.
+
+How much a shared base saves depends on how much of the memory is weights. ``--make-model`` writes a
+randomly initialised Llama of a named shape (``SHAPES``) with the embedded tokenizer, so the same
+comparison can run where the weights dominate (a larger model, one pair per step), as they do for
+QLoRA on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_bench import SEED, _meter_class, current_rss_mb, peak_rss_mb, summarise  # noqa: E402
+
+# Llama shapes for --make-model (random weights; the embedded SmolLM2 tokenizer). "tiny" is for tests.
+SHAPES = {
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0),
+}
 
 SETUPS = {"lorelay": "lorelay DPO (stages.dpo.run): reference = frozen adapter copy on the shared base",
           "trl": "TRL DPOTrainer with a separately loaded reference model"}
@@ -51,6 +65,25 @@ def make_adapter(model_name: str, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
+def make_model(shape: str, directory: Path) -> None:
+    """A randomly initialised Llama of ``SHAPES[shape]`` in bf16 safetensors, with the embedded tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stages.default_model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
+    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    torch.set_default_dtype(torch.bfloat16)  # half the time and memory to build; loaded back as fp32
+    model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
 def workload(data: Path, samples: int, work: Path) -> Path:
     lines = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()][:samples]
     subset = work / "preference-subset.jsonl"
@@ -66,7 +99,9 @@ def lorelay_config(options, subset: Path, work: Path):
     return dpo_stage.DPOConfig(
         model=ModelConfig(name=options.model),
         data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0),
-        training=dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED))
+        training=dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED,
+                                       **{key: value for key, value in (("batch_size", options.batch_size),
+                                          ("gradient_accumulation_steps", options.accumulation)) if value}))
 
 
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
@@ -133,16 +168,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=sorted(SETUPS))
     parser.add_argument("--make-adapter", type=Path, help="write the incoming adapter here and exit")
+    parser.add_argument("--make-model", type=Path, help="write a random model of --shape here and exit")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-1.7b")
     parser.add_argument("--adapter", type=Path, help="incoming adapter directory (from --make-adapter)")
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--data", type=Path, default=Path("data/demo/preferences.jsonl"))
     parser.add_argument("--samples", type=int, default=64, help="first N pairs of --data")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the step time")
+    parser.add_argument("--batch-size", type=int, help="pairs per micro-batch (default: lorelay's DPO default)")
+    parser.add_argument("--accumulation", type=int, help="micro-batches per step (default: lorelay's DPO default)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="where the JSON result is written")
     options = parser.parse_args(argv)
-    if options.make_adapter is None and (options.setup is None or options.adapter is None or options.out is None):
+    if options.make_adapter is None and options.make_model is None and (options.setup is None or options.adapter is None or options.out is None):
         parser.error("--setup, --adapter and --out are needed (or --make-adapter DIR)")
     return options
 
@@ -155,6 +194,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(options.threads)
     if options.make_adapter is not None:
         make_adapter(options.model, options.make_adapter)
+        return 0
+    if options.make_model is not None:
+        make_model(options.shape, options.make_model)
         return 0
     import datasets
     import peft  # noqa: F401  (imported before the baseline so both set-ups' baselines hold the same libraries)

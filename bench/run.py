@@ -2,7 +2,7 @@
 
     make bench                                   # the full run (about 10 minutes on 2 cores)
     make bench ARGS="--repeats 2"                # a,b,c,a,b,c ... : ratios per round, medians reported
-    make bench ARGS="--skip-dpo --steps 3"       # a quicker look at SFT only
+    make bench ARGS="--skip-dpo --skip-dpo-large --steps 3"   # a quicker look at SFT only
 
 Each set-up runs in its own process (``bench/sft_bench.py``, ``bench/dpo_bench.py``), one after the
 other, so peak RSS is per set-up and the set-ups never share the CPU. Timings on a shared machine are
@@ -33,6 +33,7 @@ TARGETS = [
     ("sft_c_over_b_reply_tokens_per_s", "SFT (c)/(b) loss-bearing tokens/s (reply tokens: same work in every set-up)", 1.5, "min"),
     ("sft_c_over_b_peak_rss", "SFT peak RSS (c)/(b)", 1.0, "max"),
     ("dpo_lorelay_over_trl_peak_rss_above_baseline", "DPO peak memory lorelay/TRL-with-ref-model (RSS above the imported-libraries baseline)", 0.6, "max"),
+    ("dpo_weight_bound_lorelay_over_trl_peak_rss_above_baseline", "the same, weight-bound DPO workload (larger model, 1 pair per step)", 0.6, "max"),
 ]
 
 
@@ -143,6 +144,26 @@ def dpo_section(rounds: dict[str, list[dict]]) -> dict:
     return section
 
 
+def run_dpo(options, work: Path, summary: str, *, model: str, samples: int, extra: list[str] = ()):
+    """Both DPO set-ups on one workload, ``--repeats`` rounds: the workload's description and its section."""
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--model", model, "--threads", str(options.threads)]
+    adapter = work / "sft-adapter"
+    subprocess.run([sys.executable, str(HERE / "dpo_bench.py"), "--make-adapter", str(adapter), *common],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    arguments = [*common, "--adapter", str(adapter), "--steps", str(options.dpo_steps),
+                 "--warmup", str(options.dpo_warmup), "--samples", str(samples), *extra]
+    workload = {"summary": summary, "model": model, "samples": samples, "steps": options.dpo_steps,
+                "warmup_steps": options.dpo_warmup}
+    rounds: dict[str, list[dict]] = {"lorelay": [], "trl": []}
+    print(f"DPO set-ups lorelay,trl x {options.repeats}: {summary}", flush=True)
+    for index in range(options.repeats):
+        for setup in rounds:
+            rounds[setup].append(run_child("dpo_bench.py", ["--setup", setup, *arguments],
+                                           work / f"{setup}-{index}.json", options.log, options.timeout))
+    return workload, dpo_section(rounds)
+
+
 # ----------------------------------------------------------------------------------------------
 # targets and the table
 # ----------------------------------------------------------------------------------------------
@@ -150,11 +171,13 @@ def dpo_section(rounds: dict[str, list[dict]]) -> dict:
 def target_values(results: dict) -> dict[str, float | None]:
     sft = results.get("sft", {}).get("ratios", {})
     dpo = results.get("dpo", {}).get("ratios", {}).get("lorelay_over_trl", {})
+    large = results.get("dpo_weight_bound", {}).get("ratios", {}).get("lorelay_over_trl", {})
     return {
         "sft_c_over_a_reply_tokens_per_s": sft.get("c_over_a", {}).get("reply_tokens_per_s"),
         "sft_c_over_b_reply_tokens_per_s": sft.get("c_over_b", {}).get("reply_tokens_per_s"),
         "sft_c_over_b_peak_rss": sft.get("c_over_b", {}).get("peak_rss"),
         "dpo_lorelay_over_trl_peak_rss_above_baseline": dpo.get("peak_rss_above_baseline"),
+        "dpo_weight_bound_lorelay_over_trl_peak_rss_above_baseline": large.get("peak_rss_above_baseline"),
     }
 
 
@@ -213,18 +236,9 @@ def print_tables(results: dict) -> None:
                           f"per round {r['speedup_per_round']}")
         if not sft["same_samples"]:
             console.print("[red]  the set-ups' batches differ in real tokens: they did not see the same samples[/red]")
-    dpo = results.get("dpo")
-    if dpo:
-        table = Table(title=f"DPO on CPU: {results['workload']['dpo']['summary']}")
-        for column in ("set-up", "step s", "padding", "peak RSS MB", "above base MB"):
-            table.add_column(column, justify="right" if column != "set-up" else "left")
-        for name, s in dpo["setups"].items():
-            table.add_row(SHORT[name], f"{s['step_time_s']:.2f}", f"{s['padding_fraction']:.0%}",
-                          f"{s['peak_rss_mb']:.0f}", f"{s['peak_rss_above_baseline_mb']:.0f}")
-        console.print(table)
-        for key, r in dpo["ratios"].items():
-            console.print(f"  {key}: step time x{r['step_time']} (CPU time x{r['step_cpu_time']}), peak RSS x{r['peak_rss']} "
-                          f"(above baseline x{r['peak_rss_above_baseline']}); per round {r['step_time_per_round']}")
+    for key in ("dpo", "dpo_weight_bound"):
+        if key in results:
+            print_dpo_table(console, results[key], results["workload"][key]["summary"])
     table = Table(title="Targets")
     for column in ("target", "value", "in CPU time", "wanted", "met"):
         table.add_column(column)
@@ -235,6 +249,21 @@ def print_tables(results: dict) -> None:
         table.add_row(t["what"], "-" if t["value"] is None else f"{t['value']:.3f}",
                       "" if cpu is None else f"{cpu:.3f}", wanted, met)
     console.print(table)
+
+
+def print_dpo_table(console, dpo: dict, summary: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"DPO on CPU: {summary}")
+    for column in ("set-up", "step s", "padding", "peak RSS MB", "above base MB"):
+        table.add_column(column, justify="right" if column != "set-up" else "left")
+    for name, s in dpo["setups"].items():
+        table.add_row(SHORT[name], f"{s['step_time_s']:.2f}", f"{s['padding_fraction']:.0%}",
+                      f"{s['peak_rss_mb']:.0f}", f"{s['peak_rss_above_baseline_mb']:.0f}")
+    console.print(table)
+    for key, r in dpo["ratios"].items():
+        console.print(f"  {key}: step time x{r['step_time']} (CPU time x{r['step_cpu_time']}), peak RSS x{r['peak_rss']} "
+                      f"(above baseline x{r['peak_rss_above_baseline']}); per round {r['step_time_per_round']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +303,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, the same in every set-up")
     parser.add_argument("--skip-sft", action="store_true")
     parser.add_argument("--skip-dpo", action="store_true")
+    parser.add_argument("--skip-dpo-large", action="store_true", help="skip the weight-bound DPO workload")
+    parser.add_argument("--dpo-large-shape", default="smollm2-1.7b", help="its model shape (bench/dpo_bench.py SHAPES)")
+    parser.add_argument("--dpo-large-samples", type=int, default=8, help="its preference pairs")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one set-up may take")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--log", type=Path, default=HERE / "bench.log", help="the set-ups' own output")
@@ -307,22 +339,20 @@ def main(argv=None) -> int:
                                                    work / f"sft-{setup}-{index}.json", options.log, options.timeout))
             results["sft"] = sft_section(rounds)
         if not options.skip_dpo:
-            adapter = work / "sft-adapter"
-            subprocess.run([sys.executable, str(HERE / "dpo_bench.py"), "--make-adapter", str(adapter), *common],
-                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            arguments = [*common, "--adapter", str(adapter), "--steps", str(options.dpo_steps),
-                         "--warmup", str(options.dpo_warmup), "--samples", str(options.dpo_samples)]
-            results["workload"]["dpo"] = {
-                "summary": f"first {options.dpo_samples} preference pairs, lorelay's DPO batch and accumulation, "
-                           f"{options.dpo_steps} steps ({options.dpo_warmup} warm-up), fp32",
-                "samples": options.dpo_samples, "steps": options.dpo_steps, "warmup_steps": options.dpo_warmup}
-            rounds = {"lorelay": [], "trl": []}
-            print(f"DPO set-ups lorelay,trl x {options.repeats}", flush=True)
-            for index in range(options.repeats):
-                for setup in rounds:
-                    rounds[setup].append(run_child("dpo_bench.py", ["--setup", setup, *arguments],
-                                                   work / f"dpo-{setup}-{index}.json", options.log, options.timeout))
-            results["dpo"] = dpo_section(rounds)
+            summary = (f"first {options.dpo_samples} preference pairs, lorelay's DPO batch and accumulation, "
+                       f"{options.dpo_steps} steps ({options.dpo_warmup} warm-up), fp32")
+            results["workload"]["dpo"], results["dpo"] = run_dpo(
+                options, work / "dpo", summary, model=options.model, samples=options.dpo_samples)
+        if not options.skip_dpo_large:
+            model = work / f"random-{options.dpo_large_shape}"
+            print(f"DPO, weight-bound: building a random {options.dpo_large_shape} Llama", flush=True)
+            subprocess.run([sys.executable, str(HERE / "dpo_bench.py"), "--make-model", str(model),
+                            "--shape", options.dpo_large_shape], cwd=ROOT, check=True)
+            summary = (f"random-weight {options.dpo_large_shape} Llama, first {options.dpo_large_samples} pairs, "
+                       f"1 pair per step, {options.dpo_steps} steps ({options.dpo_warmup} warm-up), fp32")
+            results["workload"]["dpo_weight_bound"], results["dpo_weight_bound"] = run_dpo(
+                options, work / "dpo-large", summary, model=str(model), samples=options.dpo_large_samples,
+                extra=["--batch-size", "1", "--accumulation", "1"])
     results["targets"] = check_targets(results)
     results["loadavg_after"] = loadavg()
     results["wall_s"] = round(time.time() - started, 1)

@@ -106,10 +106,28 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def quiet_library_noise() -> None:
+    """Silence messages that ask the user to act on nothing lorelay lets them change."""
+    import logging
+    import warnings
+
+    # bitsandbytes on an AVX512-bf16 CPU: an optional Hub kernel package is missing (4-bit works without it).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # TRL and PEFT still read transformers' old `is_gradient_checkpointing` name.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    # per-map and weight-loading bars would break up lorelay's own progress lines
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+    quiet_library_noise()
     from stages.errors import LorelayError
 
     # Under `accelerate launch` every process prints; say which one (issue 7).

@@ -14,12 +14,12 @@ from stages.training import is_main_process
 # (column title, metric names to look for in order, format)
 COLUMNS = [
     ("task acc", ("task_accuracy",), "{:.1%}"),
-    ("held-out ppl", ("heldout_perplexity",), "{:.2f}"),
+    ("ppl", ("heldout_perplexity",), "{:.2f}"),
     ("eval loss", ("eval_loss",), "{:.3f}"),
     ("RM acc", ("eval_accuracy", "accuracy"), "{:.1%}"),
-    ("DPO reward acc", ("eval_reward_accuracy", "eval_rewards/accuracies"), "{:.1%}"),
-    ("win vs parent", ("win_rate_vs_parent",), "{:.1%}"),
-    ("loss vs parent", ("loss_rate_vs_parent",), "{:.1%}"),
+    ("DPO acc", ("eval_reward_accuracy", "eval_rewards/accuracies"), "{:.1%}"),
+    ("wins", ("win_rate_vs_parent",), "{:.1%}"),
+    ("lost", ("loss_rate_vs_parent",), "{:.1%}"),
     ("pairs", ("pairs",), "{:d}"),
 ]
 
@@ -47,15 +47,28 @@ def cell(metrics: dict[str, Any], names: tuple[str, ...], fmt: str) -> str:
 
 
 def summary_table(run: dict[str, Any]):
+    """The terminal table: columns no stage has a value for are left out, so it fits 80 columns."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"run {run.get('name')}: {len(run.get('stages', []))} stages, policy = {run.get('policy')}")
-    for title in ("stage", "type", "status", "time", *[c[0] for c in COLUMNS]):
-        table.add_column(title, justify="left" if title in ("stage", "type", "status") else "right")
-    for row in rows(run):
-        seconds = f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
-        table.add_row(row["name"], row["type"], row["status"], seconds,
-                      *[cell(row["metrics"], names, fmt) for _, names, fmt in COLUMNS])
+    table_rows = rows(run)
+    short = {"{:.1%}": "{:.0%}", "{:.3f}": "{:.2f}", "{:.2f}": "{:.1f}"}  # a terminal is narrower than a page
+    cells = [[cell(row["metrics"], names, short.get(fmt, fmt)) for _, names, fmt in COLUMNS] for row in table_rows]
+    shown = [i for i in range(len(COLUMNS)) if any(values[i] for values in cells)]
+    show_type = any(row["name"] != row["type"] for row in table_rows)
+    table = Table(title=f"run {run.get('name')}: {len(run.get('stages', []))} stages, policy = {run.get('policy')}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    columns = [("stage", [r["name"] for r in table_rows])]
+    columns += [("type", [r["type"] for r in table_rows])] if show_type else []
+    columns += [("status", [r["status"] for r in table_rows]),
+                ("time", [f"{r['seconds']:.0f}s" if r["seconds"] is not None else "" for r in table_rows])]
+    columns += [(COLUMNS[i][0].replace(" ", "\n"), [values[i] for values in cells]) for i in shown]
+    for title, values in columns:
+        # values never wrap (a header may): each column is at least as wide as its widest value
+        table.add_column(title, justify="left" if title in ("stage", "type", "status") else "right",
+                         min_width=max(len(v) for v in values))
+    for index in range(len(table_rows)):
+        table.add_row(*[values[index] for _, values in columns])
     return table
 
 
@@ -159,8 +172,10 @@ def write_report(run_dir: Path, run: dict[str, Any], console=None) -> Path:
              f"{run['base']['device']}). Final policy: `{run.get('policy')}`. lorelay {run.get('lorelay_version')}, "
              f"commit `{run.get('git_commit') or 'n/a'}`. Updated {run.get('updated')}.", "",
              "## Metrics after each stage", "", markdown_table(run), "",
-             "Task accuracy: exact match on held-out prompts. Win/loss vs parent: the reward model scores this "
-             "policy's reply above/below its parent's on the same held-out prompt (ties are the rest).", ""]
+             "Task acc: exact match on held-out prompts. ppl: held-out perplexity. RM acc: the reward model scores "
+             "the chosen reply above the rejected one on held-out pairs. DPO acc: the same for DPO's implicit reward. "
+             "Wins/losses: the reward model scores this policy's reply above/below its parent's on the same "
+             "held-out prompt (ties are the rest).", ""]
     if loss_curves(run_dir, run, plots / "loss_curves.png"):
         parts += ["## Loss curves", "", "![loss curves](plots/loss_curves.png)", ""]
     if metrics_by_stage(run, plots / "metrics_by_stage.png"):

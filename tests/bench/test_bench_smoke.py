@@ -30,10 +30,11 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
     out = tmp_path / "results.json"
     run("bench/run.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--samples", "4",
         "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1", "--dpo-samples", "8",
-        "--out", str(out), "--log", str(tmp_path / "bench.log"))
+        "--dpo-large-shape", "tiny", "--dpo-large-samples", "4", "--out", str(out), "--log", str(tmp_path / "bench.log"))
     results = json.loads(out.read_text())
 
-    assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "dpo", "targets"} <= results.keys()
+    assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "dpo",
+            "dpo_weight_bound", "targets"} <= results.keys()
     sft = results["sft"]
     assert sft["setups"].keys() == {"a", "b", "c", "d"}
     for name, setup in sft["setups"].items():
@@ -54,8 +55,12 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
         assert SETUP_KEYS <= setup.keys(), (name, SETUP_KEYS - setup.keys())
     assert "adapter" in dpo["setups"]["lorelay"]["details"]["reference"]
     assert {"step_time", "peak_rss", "peak_rss_above_baseline"} <= dpo["ratios"]["lorelay_over_trl"].keys()
+    large = results["dpo_weight_bound"]  # a random model of the named shape, one pair per step
+    assert large["setups"]["lorelay"]["details"]["batch_size"] == 1
+    assert large["setups"]["trl"]["details"]["gradient_accumulation_steps"] == 1
+    assert "random-tiny" in results["workload"]["dpo_weight_bound"]["model"]
 
-    assert len(results["targets"]) == 4
+    assert len(results["targets"]) == 5
     for target in results["targets"]:
         assert target["value"] is not None and isinstance(target["met"], bool), target
 
