@@ -262,6 +262,23 @@ def card_metadata(manifest: dict[str, Any], *, rows: list[dict[str, Any]], merge
     return meta
 
 
+def _chat_snippet(repo: str, model_class: str, module: str) -> str:
+    """Python that loads ``repo`` with ``module.model_class`` and answers one chat message."""
+    imports = (f"from transformers import {model_class}, AutoTokenizer" if module == "transformers"
+               else f"from {module} import {model_class}\nfrom transformers import AutoTokenizer")
+    return f"""```python
+{imports}
+
+model = {model_class}.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=128)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
 def _usage(repo: str, *, merged: bool, reward: bool) -> str:
     name = repo.rsplit("/", 1)[-1]
     if merged:
@@ -270,17 +287,7 @@ def _usage(repo: str, *, merged: bool, reward: bool) -> str:
 The adapter is merged into the base weights: this is an ordinary transformers checkpoint, ready for
 serving engines that want one model (e.g. `vllm serve {repo}`).
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-output = model.generate(**inputs, max_new_tokens=128)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-"""
+{_chat_snippet(repo, "AutoModelForCausalLM", "transformers")}"""
     if reward:
         return f"""## How to use
 
@@ -306,18 +313,7 @@ with reward_model(base, "{name}") as model:
 With transformers and PEFT (the base model is downloaded from `base_model_name_or_path` in
 `adapter_config.json`):
 
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-output = model.generate(**inputs, max_new_tokens=128)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
+{_chat_snippet(repo, "AutoPeftModelForCausalLM", "peft")}
 With lorelay:
 
 ```bash
