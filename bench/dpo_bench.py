@@ -78,8 +78,10 @@ def make_model(shape: str, directory: Path) -> None:
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(SEED)
     torch.set_default_dtype(torch.bfloat16)  # half the time and memory to build; loaded back as fp32
-    model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 
@@ -96,12 +98,12 @@ def lorelay_config(options, subset: Path, work: Path):
     from stages.data import DatasetSpec
     from stages.modeling import ModelConfig
 
+    training = dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED)
+    training.batch_size = options.batch_size or training.batch_size
+    training.gradient_accumulation_steps = options.accumulation or training.gradient_accumulation_steps
     return dpo_stage.DPOConfig(
         model=ModelConfig(name=options.model),
-        data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0),
-        training=dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED,
-                                       **{key: value for key, value in (("batch_size", options.batch_size),
-                                          ("gradient_accumulation_steps", options.accumulation)) if value}))
+        data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0), training=training)
 
 
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
@@ -181,8 +183,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="where the JSON result is written")
     options = parser.parse_args(argv)
-    if options.make_adapter is None and options.make_model is None and (options.setup is None or options.adapter is None or options.out is None):
-        parser.error("--setup, --adapter and --out are needed (or --make-adapter DIR)")
+    making = options.make_adapter is not None or options.make_model is not None
+    if not making and (options.setup is None or options.adapter is None or options.out is None):
+        parser.error("--setup, --adapter and --out are needed (or --make-adapter DIR, or --make-model DIR)")
     return options
 
 

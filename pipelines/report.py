@@ -46,6 +46,10 @@ def cell(metrics: dict[str, Any], names: tuple[str, ...], fmt: str) -> str:
     return ""
 
 
+def duration(row: dict[str, Any]) -> str:
+    return f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
+
+
 def summary_table(run: dict[str, Any]):
     """The terminal table: columns no stage has a value for are left out, so it fits 80 columns."""
     from rich import box
@@ -61,7 +65,7 @@ def summary_table(run: dict[str, Any]):
     columns = [("stage", [r["name"] for r in table_rows])]
     columns += [("type", [r["type"] for r in table_rows])] if show_type else []
     columns += [("status", [r["status"] for r in table_rows]),
-                ("time", [f"{r['seconds']:.0f}s" if r["seconds"] is not None else "" for r in table_rows])]
+                ("time", [duration(r) for r in table_rows])]
     columns += [(COLUMNS[i][0].replace(" ", "\n"), [values[i] for values in cells]) for i in shown]
     for title, values in columns:
         # values never wrap (a header may): each column is at least as wide as its widest value
@@ -76,8 +80,7 @@ def markdown_table(run: dict[str, Any]) -> str:
     header = ["stage", "type", "parent", "status", "time", *[c[0] for c in COLUMNS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows(run):
-        seconds = f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
-        values = [row["name"], row["type"], row["parent"], row["status"], seconds,
+        values = [row["name"], row["type"], row["parent"], row["status"], duration(row),
                   *[cell(row["metrics"], names, fmt) for _, names, fmt in COLUMNS]]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
