@@ -14,7 +14,7 @@ This recipe supports:
 - training the embeddings and LM head (``lora.modules_to_save: [embed_tokens, lm_head]``) and adding
   new tokens (``new_tokens``, which needs both). A tied model (SmolLM2) gets two trained copies
   (input and output), saved with the adapter; the base's own modules are put back afterwards;
-- CPT schedules: ``warmup_stable_decay`` (the decay covers the last ``decay_ratio`` of the steps) and
+- CPT schedules: ``warmup_stable_decay`` (the decay covers the last ``training.decay_ratio`` of the steps) and
   ``cosine_with_min_lr``.
 
 Assumptions:
@@ -76,14 +76,19 @@ class CPTData:
 
 
 @dataclasses.dataclass
+class CPTTraining(TrainingConfig):
+    # CPT's schedule usually ends in a longer decay than a fine-tune's (annealing on the domain).
+    decay_ratio: float = field(0.2, help="warmup_stable_decay: share of the steps spent in the final decay.")
+
+
+@dataclasses.dataclass
 class CPTConfig:
     model: ModelConfig = field(default_factory=ModelConfig, help="Base model (ignored inside a pipeline, which shares its base).")
     lora: LoraSettings = field(default_factory=LoraSettings, help="Adapter shape (an incoming adapter's shape wins).")
     data: CPTData = field(default_factory=CPTData, help="Corpora and how they become blocks.")
-    training: TrainingConfig = field(default_factory=TrainingConfig, help="Optimisation and output settings.")
+    training: CPTTraining = field(default_factory=CPTTraining, help="Optimisation and output settings.")
     new_tokens: list[str] = field(default_factory=list,
                                   help="Tokens added to the tokenizer (embeddings resized; needs embed_tokens and lm_head in lora.modules_to_save).")
-    decay_ratio: float = field(0.2, help="Share of the steps in the final decay of lr_scheduler warmup_stable_decay.")
 
     def __post_init__(self):
         if not self.data.sources:
@@ -91,8 +96,6 @@ class CPTConfig:
         if self.data.streaming and self.data.max_tokens is None and self.training.max_steps <= 0:
             raise ConfigError("a streamed corpus has no known length: set a token budget", field="data.max_tokens",
                               hint="or set training.max_steps")
-        if not 0.0 <= self.decay_ratio < 1.0:
-            raise ConfigError("must be in [0, 1)", field="decay_ratio")
         for index, token in enumerate(self.new_tokens):
             if not token or token != token.strip():
                 raise ConfigError("must be a non-empty token without outer whitespace", field=f"new_tokens.{index}")
@@ -163,7 +166,6 @@ def run(config: CPTConfig, base: Base, adapter: str | Path | None = None) -> Pat
             packing=False, completion_only_loss=False,
             dataset_kwargs={"skip_prepare_dataset": True},
             include_num_input_tokens_seen="all",
-            **schedule_args(training, steps, config.decay_ratio),
         )
         trainer = quiet_trainer(SFTTrainer(model=model, args=args, train_dataset=train_dataset,
                                            eval_dataset=eval_dataset, data_collator=train_collator,
@@ -282,15 +284,6 @@ def planned_steps(training: TrainingConfig, data: CPTData, blocks: list | None) 
     micro_batches = math.ceil(len(blocks) / (training.batch_size * world_size()))
     per_epoch = math.ceil(micro_batches / training.gradient_accumulation_steps)
     return max(1, math.ceil(training.epochs * per_epoch))
-
-
-def schedule_args(training: TrainingConfig, steps: int, decay_ratio: float) -> dict:
-    """TRL arguments that make ``warmup_stable_decay`` decay: over the last ``decay_ratio`` of the steps."""
-    if training.lr_scheduler != "warmup_stable_decay":
-        return {}
-    warmup = math.ceil(steps * training.warmup_ratio)
-    decay = min(max(1, round(steps * decay_ratio)) if decay_ratio > 0 else 0, max(0, steps - warmup))
-    return {"lr_scheduler_kwargs": {"num_decay_steps": decay, "min_lr_ratio": training.min_lr_ratio}}
 
 
 def eval_collator(base: Base):

@@ -77,6 +77,8 @@ class TrainingConfig:
             raise ConfigError("must be positive", field="learning_rate")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("must be in [0, 1)", field="warmup_ratio")
+        if not 0.0 <= self.decay_ratio < 1.0:
+            raise ConfigError("must be in [0, 1)", field="decay_ratio")
         if self.early_stopping_patience is not None and self.eval_steps is None:
             raise ConfigError("early stopping needs periodic evaluation", field="early_stopping_patience",
                               hint="set training.eval_steps")
@@ -135,7 +137,7 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
     if training.lr_scheduler == "cosine_with_min_lr":
         scheduler_kwargs = {"min_lr_rate": training.min_lr_ratio}
     elif training.lr_scheduler == "warmup_stable_decay":
-        scheduler_kwargs = {"num_decay_steps": 0, "min_lr_ratio": training.min_lr_ratio}
+        scheduler_kwargs = {"num_decay_steps": 0, "min_lr_ratio": training.min_lr_ratio}  # fit() sets the steps
     eval_strategy = "no" if not has_eval else ("steps" if training.eval_steps else "no")
     save_strategy = "steps" if training.save_steps else "no"
     early_stop = training.early_stopping_patience is not None and has_eval
@@ -230,13 +232,15 @@ CHECKPOINT_MANIFEST = "lorelay-checkpoint.json"
 PENDING_CHECKPOINTS = ".incomplete"  # under checkpoints/: where a checkpoint is written before its rename
 
 
-def _set_decay_steps(trainer, training: TrainingConfig) -> None:
-    """Give warmup_stable_decay its decay length, which transformers needs in steps, not as a share.
+def decay_steps(training: TrainingConfig, steps: int) -> int:
+    """warmup_stable_decay's decay length in steps: the last ``decay_ratio`` of them, after the warmup."""
+    warmup = math.ceil(steps * training.warmup_ratio)
+    return min(max(1, round(steps * training.decay_ratio)) if training.decay_ratio > 0 else 0, max(0, steps - warmup))
 
-    A stage that already set ``num_decay_steps`` (CPT plans its steps itself) keeps its value.
-    """
-    kwargs = trainer.args.lr_scheduler_kwargs or {}
-    if training.lr_scheduler != "warmup_stable_decay" or kwargs.get("num_decay_steps"):
+
+def _set_decay_steps(trainer, training: TrainingConfig) -> None:
+    """Give warmup_stable_decay its decay length, which transformers needs in steps, not as a share."""
+    if training.lr_scheduler != "warmup_stable_decay":
         return
     args = trainer.args
     if args.max_steps > 0:
@@ -244,7 +248,7 @@ def _set_decay_steps(trainer, training: TrainingConfig) -> None:
     else:
         batches = len(trainer.get_train_dataloader())
         total = math.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps))
-    args.lr_scheduler_kwargs = {**kwargs, "num_decay_steps": max(1, round(total * training.decay_ratio))}
+    args.lr_scheduler_kwargs = {**(args.lr_scheduler_kwargs or {}), "num_decay_steps": decay_steps(training, total)}
 
 
 def fit(trainer, output: "StageOutput", training: TrainingConfig):

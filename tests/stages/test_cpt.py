@@ -14,10 +14,10 @@ import stages.corpus as corpus_module
 from stages.config import load_config
 from stages.corpus import (BlockCollator, CorpusSource, PackedCorpus, pack, piece_positions, read_pieces,
                            tokenize_pieces)
-from stages.cpt import CPTConfig, extend_vocabulary, run, schedule_args
+from stages.cpt import CPTConfig, extend_vocabulary, run
 from stages.errors import ConfigError, DataError
 from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
-from stages.training import TrainingConfig, trainer_args, verify_output
+from stages.training import TrainingConfig, decay_steps, trainer_args, verify_output
 from tests.conftest import write_jsonl
 
 DOCS = ["The pool robot cleans the floor.", "Refunds take five days.", "Reset: hold the stop button for 15 seconds."]
@@ -259,7 +259,7 @@ def test_cpt_lowers_perplexity_with_a_decaying_schedule(tmp_path, base):
         plain = base.model(input_ids=probe).logits
     config = cpt_config(tmp_path, f"data.sources=[{{path: {corpus}}}]", "data.eval_ratio=0.2",
                         "training.max_steps=8", "training.lr_scheduler=warmup_stable_decay",
-                        "decay_ratio=0.25")
+                        "training.decay_ratio=0.25")
     output = run(config, base)
 
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "metrics.json",
@@ -295,9 +295,11 @@ def test_schedules_for_cpt_warm_up_and_decay_to_the_floor(tmp_path, base):
     from trl import SFTConfig as TRLSFTConfig
 
     for name in ("warmup_stable_decay", "cosine_with_min_lr"):
-        training = TrainingConfig(lr_scheduler=name, learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
-        args = trainer_args(TRLSFTConfig, training, base, tmp_path, has_eval=False, max_steps=20,
-                            **schedule_args(training, 20, decay_ratio=0.25))
+        training = TrainingConfig(lr_scheduler=name, learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1,
+                                  decay_ratio=0.25)
+        args = trainer_args(TRLSFTConfig, training, base, tmp_path, has_eval=False, max_steps=20)
+        if name == "warmup_stable_decay":  # what fit() adds once the step count is known
+            args.lr_scheduler_kwargs = {**args.lr_scheduler_kwargs, "num_decay_steps": decay_steps(training, 20)}
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(20),
                                   num_training_steps=20, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
