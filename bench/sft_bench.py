@@ -182,7 +182,7 @@ def workload(data: Path, samples: int, work: Path) -> tuple[Path, list[dict]]:
 
     lorelay's loader shuffles with the seed; every set-up trains on these records in this order.
     """
-    from stages.data import DatasetSpec, load_mixture
+    from stages.core.data import DatasetSpec, load_mixture
 
     lines = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()][:samples]
     subset = work / "sft-subset.jsonl"
@@ -193,7 +193,7 @@ def workload(data: Path, samples: int, work: Path) -> tuple[Path, list[dict]]:
 
 def reply_counts(tokenizer, records: list[dict]) -> dict[tuple[int, ...], int]:
     """Token ids of each sample -> its assistant-reply token count (lorelay's mask)."""
-    from stages.tokenize import encode_record
+    from stages.core.tokenize import encode_record
 
     counts = {}
     for record in records:
@@ -207,7 +207,7 @@ def load_plain(model_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.default_model import resolve_model_path
+    from stages.core.default_model import resolve_model_path
 
     path = resolve_model_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -220,7 +220,7 @@ def load_plain(model_name: str):
 
 def lorelay_lora():
     """lorelay's default adapter shape as a peft LoraConfig: every set-up trains the same adapter."""
-    from stages.modeling import LoraSettings, lora_config
+    from stages.core.modeling import LoraSettings, lora_config
 
     return lora_config(LoraSettings())
 
@@ -281,9 +281,9 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
     exactly as ``lorelay sft`` runs it.
     """
     import stages.sft as sft_stage
-    from stages.data import DatasetSpec
-    from stages.modeling import ModelConfig, load_base
-    from stages.training import TrainingConfig
+    from stages.core.data import DatasetSpec
+    from stages.core.modeling import ModelConfig, load_base
+    from stages.core.training import TrainingConfig
 
     model_config = ModelConfig(name=options.model, activation_checkpointing=True if options.setup == "d" else "auto")
     base = load_base(model_config)
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix=f"lorelay-bench-{options.setup}-") as tmp:
         work = Path(tmp)
         subset, records = workload(options.data, options.samples, work)
-        from stages.default_model import resolve_model_path
+        from stages.core.default_model import resolve_model_path
         from transformers import AutoTokenizer
 
         meter = _meter_class()(reply_counts(AutoTokenizer.from_pretrained(resolve_model_path(options.model)), records))

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 
 
 def resolve_policy_dir(target: str | Path) -> Path:
@@ -30,9 +30,9 @@ def load_policy(stage_dir: Path):
     """(model with the adapter attached, tokenizer) for a finished stage."""
     from transformers import AutoTokenizer
 
-    from stages.config import from_dict
-    from stages.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
-    from stages.training import verify_output
+    from stages.core.config import from_dict
+    from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+    from stages.core.training import verify_output
 
     manifest = verify_output(stage_dir)
     model_config = from_dict(ModelConfig, manifest["config"]["model"])
@@ -45,7 +45,7 @@ def load_policy(stage_dir: Path):
 
 def chat_command(target: str, *, prompt: str | None = None, system: str | None = None,
                  max_new_tokens: int = 128) -> int:
-    from stages.evaluation import generate
+    from stages.core.evaluation import generate
 
     stage_dir = resolve_policy_dir(target)
     model, tokenizer = load_policy(stage_dir)

@@ -3,7 +3,7 @@
 Each subcommand parses its arguments here and hands off to the module that does the work; heavy
 imports (torch, transformers) happen only inside those, so ``lorelay --help`` and
 ``lorelay data check`` stay fast. A ``LorelayError`` (bad input) prints one clear line and exits 2;
-an interrupted stage (``stages.training.Interrupted``) says how to resume and exits 130.
+an interrupted stage (``stages.core.training.Interrupted``) says how to resume and exits 130.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     quiet_library_noise()
-    from stages.errors import LorelayError
+    from stages.core.errors import LorelayError
 
     # Under `accelerate launch` every process prints; say which one (issue 7).
     where = f" [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import statistics
 
-from stages.data import DatasetSpec, LoadResult, load_records
-from stages.errors import LorelayError
+from stages.core.data import DatasetSpec, LoadResult, load_records
+from stages.core.errors import LorelayError
 
 
 def record_token_lengths(tokenizer, record: dict) -> list[tuple[int, int]]:
     """(tokens, loss-bearing tokens) of each sequence a record trains on (two for a pair)."""
-    from stages.tokenize import encode_record
+    from stages.core.tokenize import encode_record
 
     if "messages" in record or "text" in record:
         ids, mask = encode_record(tokenizer, record)
@@ -55,8 +55,8 @@ def check_command(file: str, *, data_format: str = "auto", kind: str = "sft", mo
     from rich.console import Console
     from rich.table import Table
 
-    from stages.modeling import ModelConfig, load_tokenizer
-    from stages.default_model import resolve_model_path
+    from stages.core.modeling import ModelConfig, load_tokenizer
+    from stages.core.default_model import resolve_model_path
 
     console = Console()
     result = load_records(DatasetSpec(path=file, format=data_format), kind=kind, skip_invalid=True)

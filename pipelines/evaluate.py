@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.config import to_dict
-from stages.data import DatasetSpec, read_rows
-from stages.evaluation import generate, perplexity_from_loss, task_accuracy
-from stages.modeling import LoraSettings, attach_adapter, detach_adapter
-from stages.training import is_main_process
+from stages.core.config import to_dict
+from stages.core.data import DatasetSpec, read_rows
+from stages.core.evaluation import generate, perplexity_from_loss, task_accuracy
+from stages.core.modeling import LoraSettings, attach_adapter, detach_adapter
+from stages.core.training import is_main_process
 
 
 def read_jsonl_rows(path: Path, limit: int | None) -> list[dict]:

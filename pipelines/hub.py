@@ -55,8 +55,8 @@ from typing import Any, Callable
 
 from pipelines import model_card
 from stages import __version__
-from stages.errors import LorelayError
-from stages.training import verify_output
+from stages.core.errors import LorelayError
+from stages.core.training import verify_output
 
 RETRIES = 4                # attempts per Hub call, the first included
 RETRY_BASE_DELAY = 2.0     # seconds before the first retry; doubled for each further one
@@ -288,7 +288,7 @@ def _push_merged(api, stage_dir: Path, extras: list[Upload], *, repo: str,
 
 def merged_cache_dir(stage_dir: Path) -> Path:
     """Where a merged copy waits for its upload: keyed by the stage's manifest, so a re-run finds it."""
-    from stages.default_model import cache_root
+    from stages.core.default_model import cache_root
 
     digest = hashlib.sha256((stage_dir / "manifest.json").read_bytes()).hexdigest()[:16]
     return cache_root() / "merged" / f"{stage_dir.resolve().name}-{digest}"
@@ -414,7 +414,7 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
     """
     import torch
 
-    from stages.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+    from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
 
     stage_dir, out = Path(stage_dir), Path(out)
     manifest = verify_output(stage_dir)
@@ -470,7 +470,7 @@ def planned_merged_files(stage_dir: Path, manifest: dict[str, Any]) -> list[tupl
     """What a merge would write, without merging: weights estimated from the base's safetensors headers."""
     config = merge_model_config(manifest)
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[config["dtype"]]
-    from stages.default_model import resolve_model_path
+    from stages.core.default_model import resolve_model_path
 
     base_path = manifest.get("base_model", {}).get("path") or resolve_model_path(config["name"])
     parameters = _safetensors_parameters(Path(base_path)) if Path(base_path).is_dir() else None

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from stages import __version__
-from stages.default_model import DEFAULT_MODEL
+from stages.core.default_model import DEFAULT_MODEL
 
 # The embedded model is SmolLM2-135M-Instruct (dequantised from a Q4_1 GGUF): cards point at the
 # original checkpoint, to which the adapter applies as a QLoRA adapter applies to its full-precision base.
@@ -299,7 +299,7 @@ hf download {repo} --local-dir {name}
 ```
 
 ```python
-from stages.modeling import ModelConfig, load_base
+from stages.core.modeling import ModelConfig, load_base
 from stages.reward import reward_model, score
 
 base = load_base(ModelConfig(name="BASE_MODEL"))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.training import is_main_process
+from stages.core.training import is_main_process
 
 # (column title, metric names to look for in order, format)
 COLUMNS = [

@@ -15,7 +15,7 @@ defaults) and an ordered list of stages. The runner
    the stage's gates, and records everything in ``run.json`` after every stage, atomically;
 5. writes the report (``report.md`` + plots) and, when configured and every gate passed, pushes.
 
-Stage outputs appear by rename (see ``stages.training.StageOutput``), so a run killed mid-stage
+Stage outputs appear by rename (see ``stages.core.training.StageOutput``), so a run killed mid-stage
 never leaves a stage that looks finished; running the same command again continues from the last
 finished stage, and from that stage's last checkpoint when it had saved any.
 """
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages import __version__
-from stages.config import (apply_overrides, deep_merge, field, from_dict, load_config, read_yaml,
+from stages.core.config import (apply_overrides, deep_merge, field, from_dict, load_config, read_yaml,
                            to_dict)
-from stages.data import data_hash
-from stages.errors import ConfigError, LorelayError, did_you_mean
-from stages.modeling import LoraSettings, ModelConfig, load_base
-from stages.training import barrier, git_commit, is_main_process, package_versions, verify_output
+from stages.core.data import data_hash
+from stages.core.errors import ConfigError, LorelayError, did_you_mean
+from stages.core.modeling import LoraSettings, ModelConfig, load_base
+from stages.core.training import barrier, git_commit, is_main_process, package_versions, verify_output
 
 StageType = Literal["cpt", "sft", "rm", "generate", "dpo"]
 POLICY_TYPES = ("cpt", "sft", "dpo")

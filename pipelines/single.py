@@ -6,8 +6,8 @@ import importlib
 import json
 from pathlib import Path
 
-from stages.config import describe, load_config
-from stages.errors import LorelayError
+from stages.core.config import describe, load_config
+from stages.core.errors import LorelayError
 
 # stage name -> (module, config class). The pipeline runner uses the same table.
 STAGES = {
@@ -40,7 +40,7 @@ def split_adapter(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 def run_stage_command(name: str, config_path: str | None, overrides: list[str], *, resume: bool = False,
                       help_config: bool = False) -> int:
-    from stages.modeling import load_base
+    from stages.core.modeling import load_base
 
     module, config_class = stage_entry(name)
     if help_config:

@@ -3,7 +3,7 @@
 This recipe supports:
 - text files or directories of them (one document per file, or split on a separator), JSONL/JSON/
   CSV/Parquet files and ``datasets`` directories with a text column, Hub ids when online
-  (``stages.corpus``);
+  (``stages.core.corpus``);
 - packing: documents joined with EOS into ``block_size`` blocks; position ids restart at each
   document, so packed documents do not attend to each other, and a document's first token is never
   predicted from the one before it. sdpa/eager get ``[batch, block_size]`` rows without an attention
@@ -40,13 +40,13 @@ import time
 import warnings
 from pathlib import Path
 
-from stages.config import field
-from stages.corpus import (BlockCollator, CorpusReport, CorpusSource, PackedCorpus, blocks_in_batches,
+from stages.core.config import field
+from stages.core.corpus import (BlockCollator, CorpusReport, CorpusSource, PackedCorpus, blocks_in_batches,
                            corpus_hash, count_tokens, loss_tokens, to_device)
-from stages.errors import ConfigError, DataError
-from stages.evaluation import mean_token_loss
-from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
-from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, perplexity,
+from stages.core.errors import ConfigError, DataError
+from stages.core.evaluation import mean_token_loss
+from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, perplexity,
                              quiet_trainer, seed_everything, trainable_parameters, trainer_args, world_size)
 
 

@@ -13,7 +13,7 @@ This recipe supports:
 - win rate: the trained policy against the reference, greedy replies to held-out prompts judged by a reward-model
   stage directory (``reward_model``), when one is given and exists.
 
-Assumptions: the base is shared with other stages (a ``Base`` from ``stages.modeling.load_base``) and comes back
+Assumptions: the base is shared with other stages (a ``Base`` from ``stages.core.modeling.load_base``) and comes back
 bare; the incoming adapter (``adapter=``) is a LoRA adapter of that base, e.g. the SFT stage's output.
 
 Raises: ``ConfigError`` for settings that do not combine (checked before anything loads), ``DataError`` naming
@@ -34,12 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.config import field
-from stages.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
-from stages.errors import ConfigError, DataError, did_you_mean
-from stages.evaluation import generate
-from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
+from stages.core.config import field
+from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
+from stages.core.errors import ConfigError, DataError, did_you_mean
+from stages.core.evaluation import generate
+from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
                              seed_everything, trainable_parameters, trainer_args)
 
 Method = Literal["dpo", "orpo", "kto"]
@@ -351,7 +351,7 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 # ----------------------------------------------------------------------------------------------
 
 def load_preferences(config: DPOConfig) -> Mixture:
-    """Pairs (dpo, orpo, kto on declared pairs) or KTO rows, checked row by row by ``stages.data``."""
+    """Pairs (dpo, orpo, kto on declared pairs) or KTO rows, checked row by row by ``stages.core.data``."""
     data = config.data
     specs = [*data.datasets, *data.eval_datasets]
     pairs = config.method != "kto" or all(spec.format == "preference" for spec in specs)

@@ -5,7 +5,7 @@ the reward model (a reward stage directory, put on the same shared base) scores 
 the worst reply become a preference pair for DPO, with their scores and the policy and reward
 model they came from recorded as provenance. Prompts whose replies all score alike are dropped.
 
-Output directory: ``dataset.jsonl`` (preference rows stages.data reads), ``metrics.json``,
+Output directory: ``dataset.jsonl`` (preference rows stages.core.data reads), ``metrics.json``,
 ``manifest.json``.
 """
 
@@ -16,12 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from stages.config import field
-from stages.data import DatasetSpec, read_rows
-from stages.errors import ConfigError, DataError
-from stages.evaluation import generate
-from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.training import StageOutput, is_main_process
+from stages.core.config import field
+from stages.core.data import DatasetSpec, read_rows
+from stages.core.errors import ConfigError, DataError
+from stages.core.evaluation import generate
+from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.training import StageOutput, is_main_process
 
 
 @dataclasses.dataclass

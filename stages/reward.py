@@ -1,11 +1,11 @@
 """Reward model: TRL's RewardTrainer over a LoRA adapter and a scalar score head on the shared base.
 
 This recipe supports:
-- preference data in every form ``stages.data`` reads: explicit prompt (``prompt``/``chosen``/``rejected``
+- preference data in every form ``stages.core.data`` reads: explicit prompt (``prompt``/``chosen``/``rejected``
   as strings or message lists) and implicit prompt (two whole conversations sharing a prefix), with an
   optional ``margin`` (or ``score_chosen``/``score_rejected``) that enters the loss as
   ``-log sigmoid(r_chosen - r_rejected - margin)``;
-- one set of base weights: the classifier is ``stages.modeling.sequence_classifier`` (a score head on the
+- one set of base weights: the classifier is ``stages.core.modeling.sequence_classifier`` (a score head on the
   very backbone modules of the causal LM), wrapped in a LoRA adapter whose ``modules_to_save`` holds the
   head, so adapter and head are trained and saved together;
 - starting from an incoming adapter (usually SFT): its LoRA weights are mapped onto the classifier and the
@@ -35,12 +35,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.config import field
-from stages.data import DatasetSpec, load_mixture
-from stages.errors import ConfigError, DataError, LorelayError
-from stages.modeling import (Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter,
+from stages.core.config import field
+from stages.core.data import DatasetSpec, load_mixture
+from stages.core.errors import ConfigError, DataError, LorelayError
+from stages.core.modeling import (Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter,
                              sequence_classifier, settings_from_adapter)
-from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
                              trainable_parameters, trainer_args)
 
 SCORE_HEAD = "score"  # the head's attribute on transformers' *ForSequenceClassification models
@@ -419,7 +419,7 @@ def _check_bare(base: Base) -> None:
 
     if any(isinstance(module, BaseTunerLayer) for module in base.model.modules()):
         raise LorelayError("the shared base still carries an adapter; detach it before building the reward model",
-                           hint="call stages.modeling.detach_adapter(model) on the stage's PEFT model first")
+                           hint="call stages.core.modeling.detach_adapter(model) on the stage's PEFT model first")
 
 
 def detach_reward_adapter(model):

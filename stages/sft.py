@@ -1,9 +1,9 @@
 """Supervised fine-tuning with chat templates: TRL's SFTTrainer over a LoRA adapter on the shared base.
 
 This recipe supports:
-- any chat template: the loss mask comes from ``stages.chat.assistant_mask`` (no ``{% generation %}``
+- any chat template: the loss mask comes from ``stages.core.chat.assistant_mask`` (no ``{% generation %}``
   markers needed), so only assistant replies and their end-of-turn token are learned;
-- every data format in ``stages.data`` (messages, ShareGPT, Alpaca, prompt/completion, text), mixed;
+- every data format in ``stages.core.data`` (messages, ShareGPT, Alpaca, prompt/completion, text), mixed;
 - padding-free batches by default: samples are concatenated with position ids that restart per
   sample, so no compute is spent on padding and samples do not attend to each other (sdpa, eager and
   flash-attention all honour this; see docs/architecture.md). ``packed`` fills fixed-size rows, and
@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from stages.config import field
-from stages.data import DatasetSpec, load_mixture
-from stages.errors import ConfigError, DataError
-from stages.evaluation import sample_generations
-from stages.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.tokenize import tokenize_records
-from stages.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
+from stages.core.config import field
+from stages.core.data import DatasetSpec, load_mixture
+from stages.core.errors import ConfigError, DataError
+from stages.core.evaluation import sample_generations
+from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.tokenize import tokenize_records
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
                              perplexity, quiet_trainer, seed_everything, trainable_parameters,
                              trainer_args)
 
@@ -70,8 +70,8 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     # issue 10 (speed): TRL's SFTTrainer, with the LM head and loss on labelled positions only where TRL
-    # scores every position (CPU); identical loss and gradients, see stages/efficient_loss.py.
-    from stages.efficient_loss import sft_trainer_class
+    # scores every position (CPU); identical loss and gradients, see stages/core/efficient_loss.py.
+    from stages.core.efficient_loss import sft_trainer_class
     SFTTrainer = sft_trainer_class()
 
     training, data = config.training, config.data

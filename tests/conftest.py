@@ -21,7 +21,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M checkpoint (converted once into the lorelay cache)."""
-    from stages.default_model import default_model_dir
+    from stages.core.default_model import default_model_dir
 
     return default_model_dir()
 

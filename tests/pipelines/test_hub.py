@@ -18,11 +18,11 @@ from pipelines import hub as hub_module
 from pipelines.cli import main as cli
 from pipelines.hub import merge_stage, push_stage
 from pipelines.model_card import base_license, read_front_matter, reproducible_config
-from stages.config import load_config, to_dict
-from stages.errors import LorelayError
-from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.config import load_config, to_dict
+from stages.core.errors import LorelayError
+from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 from stages.sft import SFTConfig, run
-from stages.training import verify_output
+from stages.core.training import verify_output
 from tests.conftest import write_jsonl
 from tests.pipelines.fake_hub import FakeHub
 

@@ -10,7 +10,7 @@ import yaml
 
 import pipelines.runner as runner
 from pipelines.runner import GateFailed, load_pipeline, run_pipeline
-from stages.errors import ConfigError
+from stages.core.errors import ConfigError
 from tests.conftest import write_jsonl
 
 TRAIN = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "warmup_ratio": 0.0}

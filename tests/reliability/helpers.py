@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import load_config
+from stages.core.config import load_config
 from stages.sft import SFTConfig
 from tests.conftest import write_jsonl
 
@@ -37,7 +37,7 @@ def sft_config(output_dir: Path, data_file: Path, *overrides: str) -> SFTConfig:
 def with_extra_callbacks(monkeypatch, *extra) -> None:
     """Make the SFT stage's trainer also run ``extra`` callbacks (after its own)."""
     import stages.sft
-    from stages.training import callbacks
+    from stages.core.training import callbacks
 
     monkeypatch.setattr(stages.sft, "callbacks", lambda *a, **k: [*callbacks(*a, **k), *extra])
 
@@ -65,6 +65,6 @@ def checkpoints(output_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
-    from stages.modeling import ModelConfig, load_base
+    from stages.core.modeling import ModelConfig, load_base
 
     return load_base(ModelConfig(name=str(tiny_model_dir)))

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import stages.training
-from stages.errors import DataError, LorelayError
-from stages.training import StageOutput, verify_output
+import stages.core.training
+from stages.core.errors import DataError, LorelayError
+from stages.core.training import StageOutput, verify_output
 
 BASE = SimpleNamespace(config=SimpleNamespace(name="tiny"), path="tiny", fingerprint="abc", quantization="none",
                        dtype="float32", attn_implementation="sdpa", template_source="tokenizer")
@@ -39,7 +39,7 @@ def test_a_crash_before_the_rename_leaves_the_earlier_result_whole(tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(stages.training, crash_at, crash)
+    monkeypatch.setattr(stages.core.training, crash_at, crash)
     with pytest.raises(OSError):
         commit(tmp_path / "sft", "v2")
     verify_output(tmp_path / "sft")
@@ -56,7 +56,7 @@ def test_a_crash_between_the_two_renames_is_undone_by_the_next_stage(tmp_path, m
             raise OSError("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(stages.training.os, "replace", replace)
+    monkeypatch.setattr(stages.core.training.os, "replace", replace)
     with pytest.raises(OSError):
         commit(tmp_path / "sft", "v2")
     monkeypatch.undo()
@@ -106,7 +106,7 @@ def test_an_output_dir_that_is_not_a_lorelay_stage_is_never_replaced(tmp_path):
 
 
 def test_a_stage_failing_on_its_data_leaves_the_earlier_output_alone(tmp_path, tiny_model_dir):
-    from stages.modeling import ModelConfig, load_base
+    from stages.core.modeling import ModelConfig, load_base
     from stages.sft import run
     from tests.reliability.helpers import sft_config
 

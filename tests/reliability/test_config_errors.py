@@ -55,8 +55,8 @@ def test_warmup_stable_decay_really_decays(tmp_path, tiny_model_dir):
     """transformers reads num_decay_steps=0 as 'never decay'; fit() derives it from decay_ratio."""
     import json
 
-    from stages.config import load_config
-    from stages.modeling import ModelConfig, load_base
+    from stages.core.config import load_config
+    from stages.core.modeling import ModelConfig, load_base
     from stages.sft import SFTConfig, run
     from tests.conftest import write_jsonl
 

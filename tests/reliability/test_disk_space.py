@@ -9,9 +9,9 @@ from collections import namedtuple
 import pytest
 from transformers import TrainerCallback
 
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 from stages.sft import run
-from stages.training import StageOutput, check_free_disk
+from stages.core.training import StageOutput, check_free_disk
 from tests.reliability.helpers import base, chat_file, checkpoints, sft_config, with_extra_callbacks  # noqa: F401
 
 Usage = namedtuple("Usage", "total used free")

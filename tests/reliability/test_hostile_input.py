@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.data import MAX_LINE_BYTES, DatasetSpec, load_mixture, load_records
-from stages.errors import ConfigError, DataError
+from stages.core.data import MAX_LINE_BYTES, DatasetSpec, load_mixture, load_records
+from stages.core.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = b'{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}'
@@ -83,7 +83,7 @@ def test_a_directory_where_a_file_is_expected(tmp_path):
         load_records(DatasetSpec(str(tmp_path / "data")))
     assert str(tmp_path / "data") in str(info.value) and "train.jsonl" in str(info.value)
 
-    from stages.config import load_config
+    from stages.core.config import load_config
     from stages.sft import SFTConfig
 
     with pytest.raises(ConfigError, match="expected a YAML file, found a directory"):

@@ -12,7 +12,7 @@ import pytest
 from transformers import Trainer, TrainerCallback
 
 from stages.sft import run
-from stages.training import CHECKPOINT_MANIFEST, Interrupted, TrainingConfig, last_checkpoint, verify_output
+from stages.core.training import CHECKPOINT_MANIFEST, Interrupted, TrainingConfig, last_checkpoint, verify_output
 from tests.reliability.helpers import (assert_same_adapter, base, chat_file, checkpoints,  # noqa: F401
                                        sft_config, with_extra_callbacks)
 
@@ -95,7 +95,7 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one_to_resume_fro
 
 
 def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
-    from stages.training import _seal_checkpoint  # noqa: PLC2701 - the sealing step itself
+    from stages.core.training import _seal_checkpoint  # noqa: PLC2701 - the sealing step itself
 
     folder = tmp_path / "work" / "checkpoints"
 
@@ -128,7 +128,7 @@ def test_a_finished_stage_holds_no_pickle_files(reference):
 
 
 def test_an_interrupted_run_without_resume_discards_its_checkpoints_with_a_note(tmp_path, capsys):
-    from stages.training import StageOutput
+    from stages.core.training import StageOutput
 
     (tmp_path / "sft.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     StageOutput(tmp_path / "sft", stage="sft")

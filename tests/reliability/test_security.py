@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.config import load_config
-from stages.data import DatasetSpec, load_records
-from stages.errors import ConfigError, DataError, LorelayError
-from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.config import load_config
+from stages.core.data import DatasetSpec, load_records
+from stages.core.errors import ConfigError, DataError, LorelayError
+from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 from stages.sft import SFTConfig
-from stages.training import StageOutput
+from stages.core.training import StageOutput
 from tests.reliability.helpers import base  # noqa: F401
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.training import _StopRequest, verify_output
+from stages.core.training import _StopRequest, verify_output
 from tests.reliability.helpers import chat_file
 
 REPO = Path(__file__).resolve().parents[2]

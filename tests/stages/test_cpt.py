@@ -10,14 +10,14 @@ import tracemalloc
 import pytest
 import torch
 
-import stages.corpus as corpus_module
-from stages.config import load_config
-from stages.corpus import (BlockCollator, CorpusSource, PackedCorpus, pack, piece_positions, read_pieces,
+import stages.core.corpus as corpus_module
+from stages.core.config import load_config
+from stages.core.corpus import (BlockCollator, CorpusSource, PackedCorpus, pack, piece_positions, read_pieces,
                            tokenize_pieces)
 from stages.cpt import CPTConfig, extend_vocabulary, run
-from stages.errors import ConfigError, DataError
-from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
-from stages.training import TrainingConfig, decay_steps, trainer_args, verify_output
+from stages.core.errors import ConfigError, DataError
+from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.training import TrainingConfig, decay_steps, trainer_args, verify_output
 from tests.conftest import write_jsonl
 
 DOCS = ["The pool robot cleans the floor.", "Refunds take five days.", "Reset: hold the stop button for 15 seconds."]

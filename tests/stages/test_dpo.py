@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from stages import dpo
-from stages.config import load_config
-from stages.errors import ConfigError, DataError
-from stages.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
+from stages.core.config import load_config
+from stages.core.errors import ConfigError, DataError
+from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage)
-from stages.training import verify_output
+from stages.core.training import verify_output
 from tests.conftest import write_jsonl
 
 QUEUES = ("billing", "shipping", "returns", "account")

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from stages import reward
-from stages.config import describe, load_config
-from stages.data import DatasetSpec, load_mixture
-from stages.errors import ConfigError, DataError, LorelayError
-from stages.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
+from stages.core.config import describe, load_config
+from stages.core.data import DatasetSpec, load_mixture
+from stages.core.errors import ConfigError, DataError, LorelayError
+from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage, sequence_classifier)
 from stages.reward import RewardConfig, attach_reward_adapter, detach_reward_adapter, reward_model, score
-from stages.training import verify_output
+from stages.core.training import verify_output
 from tests.conftest import write_jsonl
 
 GOOD = ["great", "helpful", "kind", "clear", "useful", "friendly", "correct", "precise"]

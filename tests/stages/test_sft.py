@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from stages.config import load_config
-from stages.modeling import ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.config import load_config
+from stages.core.modeling import ModelConfig, attach_adapter, detach_adapter, load_base
 from stages.sft import SFTConfig, run
-from stages.training import verify_output
+from stages.core.training import verify_output
 from tests.conftest import write_jsonl
 
 CHATS = [
@@ -102,7 +102,7 @@ def test_packed_batch_equals_separate_samples(base):
 
 
 def test_unknown_key_in_sft_config_is_refused(tmp_path):
-    from stages.errors import ConfigError
+    from stages.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
         load_config(SFTConfig, None, ["data.datasets=[{path: x.jsonl}]", "training.learnign_rate=1"])

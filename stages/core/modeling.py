@@ -17,9 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.config import field
-from stages.default_model import DEFAULT_MODEL, resolve_model_path
-from stages.errors import ConfigError, LorelayError
+from stages.core.config import field
+from stages.core.default_model import DEFAULT_MODEL, resolve_model_path
+from stages.core.errors import ConfigError, LorelayError
 
 Quantization = Literal["auto", "4bit", "8bit", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -132,7 +132,7 @@ def _flash_attn_installed() -> bool:
 def load_tokenizer(path: str, config: ModelConfig):
     from transformers import AutoTokenizer
 
-    from stages.chat import ensure_chat_template
+    from stages.core.chat import ensure_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
@@ -292,7 +292,7 @@ def attach_adapter(model, lora: LoraSettings, *, init_from: str | Path | None = 
 
 def _check_adapter_files(directory: Path, allow_pickle_weights: bool) -> None:
     if (directory / "manifest.json").is_file():
-        from stages.training import verify_output
+        from stages.core.training import verify_output
 
         verify_output(directory)
     if (directory / "adapter_model.safetensors").is_file():

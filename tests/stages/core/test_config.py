@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import describe, field, load_config, to_dict
-from stages.errors import ConfigError
+from stages.core.config import describe, field, load_config, to_dict
+from stages.core.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -77,14 +77,14 @@ def test_describe_lists_nested_keys_with_help():
 
 
 def test_union_prefers_the_values_own_type():
-    from stages.modeling import LoraSettings
+    from stages.core.modeling import LoraSettings
 
     assert load_config(LoraSettings, None, ["target_modules=all-linear"]).target_modules == "all-linear"
     assert load_config(LoraSettings, None, ["target_modules=[q_proj, v_proj]"]).target_modules == ["q_proj", "v_proj"]
 
 
 def test_deep_merge_copies_so_yaml_aliases_stay_independent():
-    from stages.config import deep_merge
+    from stages.core.config import deep_merge
 
     shared = {"training": {"lr": 1}}
     one, two = deep_merge({}, shared), deep_merge({}, shared)

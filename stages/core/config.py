@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from stages.errors import ConfigError, closest, did_you_mean
+from stages.core.errors import ConfigError, closest, did_you_mean
 
 T = TypeVar("T")
 

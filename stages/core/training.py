@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages import __version__
-from stages.config import field, to_dict
-from stages.errors import ConfigError, LorelayError
+from stages.core.config import field, to_dict
+from stages.core.errors import ConfigError, LorelayError
 
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
                     "warmup_stable_decay"]
@@ -202,7 +202,7 @@ def available_trackers(requested: list[str]) -> list[str]:
 def callbacks(training: TrainingConfig, *, has_eval: bool, title: str) -> list:
     from transformers import EarlyStoppingCallback
 
-    from stages.progress import NonFiniteGuard, RichProgress
+    from stages.core.progress import NonFiniteGuard, RichProgress
 
     result = [RichProgress(title), NonFiniteGuard(training.on_nonfinite)]
     if training.early_stopping_patience is not None and has_eval:
@@ -263,7 +263,7 @@ def fit(trainer, output: "StageOutput", training: TrainingConfig):
       is complete and sealed with checksums, after checking that the disk has room for it;
     - guard against NaN/inf loss or gradients (``training.on_nonfinite``, see ``NonFiniteGuard``).
     """
-    from stages.progress import CheckpointControl, NonFiniteGuard, NonFiniteLoss
+    from stages.core.progress import CheckpointControl, NonFiniteGuard, NonFiniteLoss
 
     started = time.time()
     _set_decay_steps(trainer, training)

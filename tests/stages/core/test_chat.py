@@ -1,4 +1,4 @@
-"""stages.chat: assistant-only masks that are exact for the common template families, without
+"""stages.core.chat: assistant-only masks that are exact for the common template families, without
 ``{% generation %}`` markers; template fallback and override; tool-call checks; text completions.
 
 Each family's template copies the logic of the real one (Llama-3-8B-Instruct, Mistral-7B-Instruct
@@ -13,9 +13,9 @@ import copy
 
 import pytest
 
-from stages.chat import (assistant_mask, chatml_template, ensure_chat_template, render_prompt,
+from stages.core.chat import (assistant_mask, chatml_template, ensure_chat_template, render_prompt,
                          template_supports_tools, text_completion_tokens)
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 
 # ----------------------------------------------------------------------------------------------
 # templates

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """Turning records into training features: token ids plus a loss mask, with truncation accounted for.
 
-Every chat record goes through ``stages.chat.assistant_mask``, so the loss falls on assistant
+Every chat record goes through ``stages.core.chat.assistant_mask``, so the loss falls on assistant
 tokens for any template; text records carry loss on every token. Samples longer than
 ``max_length`` are truncated (or dropped when nothing loss-bearing survives) and counted, so the
 stage can report what it did to the user's data instead of doing it silently.
@@ -12,7 +12,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Iterable
 
-from stages.errors import DataError, LorelayError
+from stages.core.errors import DataError, LorelayError
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class TokenizeReport:
 
 def encode_record(tokenizer, record: dict, *, assistant_only: bool = True) -> tuple[list[int], list[int]]:
     """(input_ids, loss mask) of one chat or text record."""
-    from stages.chat import assistant_mask
+    from stages.core.chat import assistant_mask
 
     if "messages" in record:
         try:

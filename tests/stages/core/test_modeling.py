@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from stages.errors import LorelayError
-from stages.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
+from stages.core.errors import LorelayError
+from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage, resolve_settings, sequence_classifier)
 
 TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

@@ -18,7 +18,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, max_new_t
     """
     import torch
 
-    from stages.chat import render_prompt
+    from stages.core.chat import render_prompt
 
     if seed is not None:
         torch.manual_seed(seed)

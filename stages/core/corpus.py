@@ -2,7 +2,7 @@
 
 A ``CorpusSource`` names a ``.txt``/``.md`` file or a directory of them (one document per file, or
 split on ``separator``), a JSONL/JSON/CSV/Parquet file or a ``datasets`` directory with a text
-column (read by ``stages.data``'s row readers), or a Hub dataset id (tried only when no such local
+column (read by ``stages.core.data``'s row readers), or a Hub dataset id (tried only when no such local
 path exists). ``PackedCorpus`` turns sources into blocks, one pipeline of generators:
 
     read_pieces -> tokenize (EOS after each document) -> pack into block_size -> [hold out] ->
@@ -24,7 +24,7 @@ piece and whose labels are -100 on each piece's first token, so
 Memory does not grow with the corpus: files are read in 256 KiB chunks, a long document is cut into
 pieces of about 64K characters at a point where the tokenizer would split anyway (before a line that
 starts with a non-space character, else before a space between words), and only the shuffle buffer
-holds blocks. Structured files go through ``stages.data.read_rows``, which reads JSONL line by line,
+holds blocks. Structured files go through ``stages.core.data.read_rows``, which reads JSONL line by line,
 Parquet in batches and ``datasets`` directories memory-mapped (a ``.json`` list is read whole: use
 JSONL for big corpora).
 
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.config import field
-from stages.data import DATA_SUFFIXES, UTF8_BOM, DatasetSpec, RowError, data_hash, read_rows
-from stages.errors import ConfigError, DataError, closest, did_you_mean
+from stages.core.config import field
+from stages.core.data import DATA_SUFFIXES, UTF8_BOM, DatasetSpec, RowError, data_hash, read_rows
+from stages.core.errors import ConfigError, DataError, closest, did_you_mean
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 READ_BYTES = 1 << 18    # bytes read from a text file at a time
@@ -147,7 +147,7 @@ def _file_kind(path: Path) -> str:
 
 
 def corpus_hash(source: CorpusSource) -> str:
-    """What identifies a source in manifest.json: the sha256 of ``stages.data``, or for sources over
+    """What identifies a source in manifest.json: the sha256 of ``stages.core.data``, or for sources over
     256 MiB a quick hash of names, sizes, modification times and each file's first and last MiB."""
     path = Path(source.path).expanduser()
     if not path.exists():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.efficient_loss import compact_lm_loss, label_positions, sft_trainer_class
-from stages.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.efficient_loss import compact_lm_loss, label_positions, sft_trainer_class
+from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 
 CHATS = [
     [{"role": "user", "content": "Route this ticket: my invoice is wrong"}, {"role": "assistant", "content": "billing"}],
@@ -36,7 +36,7 @@ def model(base):
 
 
 def features(tokenizer) -> list[dict]:
-    from stages.tokenize import encode_record
+    from stages.core.tokenize import encode_record
 
     rows = []
     for messages in CHATS:

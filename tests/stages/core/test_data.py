@@ -1,4 +1,4 @@
-"""stages/data.py: every format becomes its record form, and every fault names its file, line and field.
+"""stages/core/data.py: every format becomes its record form, and every fault names its file, line and field.
 
 All data files are written into tmp_path by the tests themselves; nothing touches the network.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import describe, from_dict
-from stages.data import (
+from stages.core.config import describe, from_dict
+from stages.core.data import (
     DatasetSpec, data_hash, file_sha256, load_mixture, load_records, mix, mix_counts, split, tree_sha256,
 )
-from stages.errors import ConfigError, DataError, LorelayError
+from stages.core.errors import ConfigError, DataError, LorelayError
 from tests.conftest import write_jsonl
 
 
@@ -722,8 +722,8 @@ def test_spec_refuses_bad_values_by_field(values, field, phrase):
 
 def test_importing_data_loads_no_heavy_library():
     heavy = ("torch", "transformers", "datasets", "pyarrow")
-    code = f"import sys, stages.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, stages.core.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[3])
 
     assert out.stdout.strip() == "[]"

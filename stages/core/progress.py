@@ -1,5 +1,5 @@
 """Trainer callbacks: a rich progress line, the guard against non-finite losses and gradients, and
-the control that turns a stop request into a checkpoint (both used by ``stages.training.fit``)."""
+the control that turns a stop request into a checkpoint (both used by ``stages.core.training.fit``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 from transformers import TrainerCallback
 
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 
 
 def _is_main() -> bool:

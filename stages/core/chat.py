@@ -47,7 +47,7 @@ from typing import Any
 
 import jinja2
 
-from stages.errors import LorelayError
+from stages.core.errors import LorelayError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _template_source(tokenizer, *, tools: bool = False) -> str:
     except ValueError as err:
         # Either no template at all, or several named ones and none called "default".
         reason = "has no chat template" if tokenizer.chat_template is None else f"has no usable chat template: {err}"
-        raise LorelayError(f"the tokenizer {reason}", hint="call stages.chat.ensure_chat_template first") from None
+        raise LorelayError(f"the tokenizer {reason}", hint="call stages.core.chat.ensure_chat_template first") from None
 
 
 # ----------------------------------------------------------------------------------------------

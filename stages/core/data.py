@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from stages.config import field
-from stages.errors import ConfigError, DataError, closest, did_you_mean
+from stages.core.config import field
+from stages.core.errors import ConfigError, DataError, closest, did_you_mean
 
 # ----------------------------------------------------------------------------------------------
 # Names
