@@ -162,7 +162,7 @@ class _Builder:
         if missing:
             self.fail(f"{prefix}.{missing[0]}" if prefix else missing[0], "required key is missing")
         try:
-            return cls(**kwargs)
+            built = cls(**kwargs)
         except (ValueError, ConfigError) as err:
             if isinstance(err, ConfigError) and err.file:
                 raise
@@ -170,6 +170,10 @@ class _Builder:
             key = err.field if isinstance(err, ConfigError) and err.field else prefix
             key = f"{prefix}.{key}" if prefix and key != prefix else key
             self.fail(key, reason, err.hint if isinstance(err, ConfigError) else None)
+        if hasattr(built, "locate") and self.linemap is not None:
+            # Objects that report errors later (a reward at its first call) remember their config line.
+            built.locate(self.linemap.source, self.linemap.line(prefix))
+        return built
 
     def convert(self, tp: Any, value: Any, key: str) -> Any:
         origin = get_origin(tp)
