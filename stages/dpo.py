@@ -109,6 +109,10 @@ class DPOConfig:
         None, help=f"dpo: one of {', '.join(DPO_LOSSES)}, or a list of them summed with loss_weights "
                    f"(default sigmoid). kto: {' or '.join(KTO_LOSSES)} (default kto). orpo: not used.")
     loss_weights: list[float] | None = field(None, help="dpo: weight of each loss in loss_type (default 1.0 each).")
+    rpo_alpha: float | None = field(
+        None, help="dpo: weight of an SFT (negative log-likelihood) term on the chosen replies, added to the "
+                   "preference loss (RPO): it keeps the policy's likelihood of the right answers from falling. "
+                   "TRL 1.16 spells it as an extra `sft` loss; this key appends it with this weight.")
     label_smoothing: float = field(
         0.0, help="dpo robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon (> 0, e.g. 1e-3).")
     precompute_ref_log_probs: bool = field(
@@ -177,6 +181,15 @@ class DPOConfig:
         if self.loss_weights is not None and len(self.loss_weights) != len(losses):
             raise ConfigError(f"{len(self.loss_weights)} weights for {len(losses)} loss types: give one weight "
                               "per loss", field="loss_weights")
+        if self.rpo_alpha is not None:
+            if self.rpo_alpha <= 0:
+                raise ConfigError("must be positive (or null for no SFT term)", field="rpo_alpha")
+            if "sft" in losses:
+                raise ConfigError("loss_type already has an sft term: give its weight in loss_weights, or drop it "
+                                  "from loss_type and keep rpo_alpha", field="rpo_alpha")
+            self.loss_weights = [*(self.loss_weights or [1.0] * len(losses)), self.rpo_alpha]
+            losses.append("sft")
+            self.rpo_alpha = None  # folded into loss_type/loss_weights: validating the result again is a no-op
         if "exo_pair" in losses and self.label_smoothing <= 0:
             raise ConfigError("exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)", field="label_smoothing")
         if "robust" in losses and not 0.0 <= self.label_smoothing < 0.5:
@@ -186,7 +199,8 @@ class DPOConfig:
         self.loss_type = losses
 
     def _check_orpo(self) -> None:
-        for name, default in (("loss_type", None), ("loss_weights", None), ("label_smoothing", 0.0),
+        for name, default in (("loss_type", None), ("loss_weights", None), ("rpo_alpha", None),
+                              ("label_smoothing", 0.0),
                               ("precompute_ref_log_probs", False)):
             if getattr(self, name) != default:
                 raise ConfigError("ORPO has no reference model and one fixed loss: this key does not apply "
@@ -198,9 +212,10 @@ class DPOConfig:
             shown = loss if isinstance(loss, str) else loss[0] if len(loss) == 1 else loss
             raise ConfigError(f"KTO's loss is one of {', '.join(KTO_LOSSES)}, got {shown!r}"
                               f"{_suggest(str(shown), KTO_LOSSES)}", field="loss_type")
-        if self.loss_weights is not None:
-            raise ConfigError("KTO has one loss; weigh its two sides with desirable_weight/undesirable_weight",
-                              field="loss_weights")
+        for name in ("loss_weights", "rpo_alpha"):
+            if getattr(self, name) is not None:
+                raise ConfigError("KTO has one loss; weigh its two sides with desirable_weight/undesirable_weight",
+                                  field=name)
         if self.label_smoothing != 0.0:
             raise ConfigError("KTO has no label smoothing", field="label_smoothing")
         if min(self.desirable_weight, self.undesirable_weight) <= 0:

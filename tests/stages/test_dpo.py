@@ -252,6 +252,14 @@ def test_weighted_combination_of_losses(tmp_path, base):
     assert verify_output(output)["config"]["loss_weights"] == [1.0, 0.5]
 
 
+def test_rpo_alpha_adds_an_sft_term_on_the_chosen_replies(tmp_path):
+    config = dpo_config(tmp_path, "x.jsonl", "loss_type=ipo", "rpo_alpha=0.5")
+    assert (config.loss_type, config.loss_weights) == (["ipo", "sft"], [1.0, 0.5])
+    config = dpo_config(tmp_path, "x.jsonl", "loss_type=[sigmoid, robust]", "loss_weights=[0.8, 0.2]",
+                        "label_smoothing=0.1", "rpo_alpha=1.0")
+    assert (config.loss_type, config.loss_weights) == (["sigmoid", "robust", "sft"], [0.8, 0.2, 1.0])
+
+
 def test_malformed_pairs_are_rejected_with_file_and_line(tmp_path, base):
     rows = [PAIRS[0], {"prompt": "Route ticket x", "chosen": "Queue: billing"}, PAIRS[1]]
     data_file = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -266,6 +274,10 @@ def test_malformed_pairs_are_rejected_with_file_and_line(tmp_path, base):
 @pytest.mark.parametrize("overrides, message", [
     (["loss_type=[sigmoid, ipo]", "loss_weights=[1.0]"], "1 weights for 2 loss types"),
     (["loss_type=sigmiod"], "did you mean 'sigmoid'"),
+    (["loss_type=[sigmoid, sft]", "rpo_alpha=1.0"], "already has an sft term"),
+    (["rpo_alpha=0"], "must be positive"),
+    (["method=orpo", "rpo_alpha=1.0"], "ORPO has no reference"),
+    (["method=kto", "rpo_alpha=1.0"], "KTO has one loss"),
     (["loss_type=exo_pair"], "label_smoothing > 0"),
     (["method=orpo", "precompute_ref_log_probs=true"], "ORPO has no reference"),
     (["method=kto", "loss_type=sigmoid"], "did you mean 'kto'|KTO's loss"),
