@@ -15,41 +15,60 @@ import sys
 STAGES = ("cpt", "sft", "rm", "dpo")
 
 
+class _AnyOrderParser(argparse.ArgumentParser):
+    """A subcommand parser that takes options and ``key=value`` overrides in any order
+    (``lorelay run P key=v --force sft``, ``lorelay sft k=v --config f``): argparse's intermixed
+    parsing, for the subcommands that have a list of positionals."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        takes_a_list = any(action.nargs == argparse.ZERO_OR_MORE for action in self._get_positional_actions())
+        if self._intermixing or not takes_a_list:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back into parse_known_args
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _stage_parser(sub, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text,
                             description=f"{help_text} Overrides are dotted keys, e.g. training.learning_rate=1e-4; "
                                         "adapter=PATH starts from a saved adapter.")
     parser.add_argument("--config", required=False, help=f"YAML recipe (e.g. configs/{name}.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorelay", description="Fine-tune LLMs: CPT -> SFT -> RM -> DPO over one shared QLoRA base.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_AnyOrderParser)
 
     _stage_parser(sub, "cpt", "Continued pretraining on raw text.")
     _stage_parser(sub, "sft", "Supervised fine-tuning with chat templates.")
     _stage_parser(sub, "rm", "Train a reward model (LoRA + score head).")
-    _stage_parser(sub, "dpo", "Preference optimisation (DPO, ORPO, KTO) from an SFT adapter.")
+    _stage_parser(sub, "dpo", "Preference optimisation: DPO, ORPO or KTO.")
 
     run = sub.add_parser("run", help="Run a pipeline of stages from a YAML file.")
     run.add_argument("pipeline", help="configs/pipelines/NAME.yaml")
-    run.add_argument("overrides", nargs="*", metavar="stage.key=value")
+    # default=[]: argparse would otherwise list the overrides as required when the pipeline is missing
+    run.add_argument("overrides", nargs="*", default=[], metavar="stage.key=value")
     run.add_argument("--run-dir", help="where the run lives (default: from the pipeline file)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
 
     status = sub.add_parser("status", help="Show the stages, cache keys and metrics of a run.")
     status.add_argument("run_dir")
 
-    chat = sub.add_parser("chat", help="Talk to a trained policy (a stage or run directory).")
-    chat.add_argument("target", help="stage output directory or run directory")
+    chat = sub.add_parser("chat", help="Talk to a trained policy or a merged model.")
+    chat.add_argument("target", help="stage output directory, run directory or merged model directory")
     chat.add_argument("--prompt", help="one-shot: print the reply to this prompt and exit")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=128)
 
-    data = sub.add_parser("data", help="Data tools.")
+    data = sub.add_parser("data", help="Check a data file without training.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="Validate a data file without training.")
     check.add_argument("file")
@@ -57,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--kind", default="sft", choices=["sft", "text", "preference", "kto"])
     check.add_argument("--model", default=None, help="tokenizer for length statistics (default: embedded model)")
 
-    push = sub.add_parser("push", help="Upload an adapter (or merged model) with a model card to the Hub.")
+    push = sub.add_parser("push", help="Upload a policy and its model card to the Hub.")
     push.add_argument("target", help="stage output directory or run directory")
     push.add_argument("--repo", required=True, help="OWNER/NAME")
     push.add_argument("--private", action="store_true")

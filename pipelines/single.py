@@ -6,7 +6,7 @@ import importlib
 import json
 from pathlib import Path
 
-from stages.core.config import describe, load_config
+from stages.core.config import load_config
 from stages.core.errors import LorelayError
 
 # stage name -> (module, config class). The pipeline runner uses the same table.
@@ -44,6 +44,8 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
 
     module, config_class = stage_entry(name)
     if help_config:
+        from pipelines.config_help import print_config_help
+
         print_config_help(config_class)
         return 0
     adapter, overrides = split_adapter(list(overrides))
@@ -54,18 +56,6 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
     output_dir = module.run(config, base, adapter=adapter)
     print_stage_summary(name, output_dir)
     return 0
-
-
-def print_config_help(config_class) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=config_class.__name__, show_lines=False)
-    for column in ("key", "default", "help"):
-        table.add_column(column)
-    for key, default, help_text in describe(config_class):
-        table.add_row(key, default, help_text)
-    Console().print(table)
 
 
 def print_stage_summary(name: str, output_dir: Path) -> None:

@@ -49,6 +49,49 @@ class _LineMap:
         return None
 
 
+class Origins:
+    """Where each dotted key of a merged config came from, so an error blames the right place.
+
+    Layers are YAML files (or a section of one, under ``prefix``) in the order they were merged; a
+    later layer wins, as in the merge. Command-line overrides win over every file: an error on a key
+    that an override set names the override as the user typed it, not a file line.
+    """
+
+    def __init__(self, default_file: str | Path | None = None):
+        self.default_file = str(default_file) if default_file is not None else None
+        self.layers: list[tuple[_LineMap, str]] = []
+        self.overrides: dict[str, str] = {}
+
+    def add_file(self, linemap: _LineMap | None, prefix: str = "") -> "Origins":
+        if linemap is not None:
+            self.layers.append((linemap, f"{prefix}." if prefix and not prefix.endswith(".") else prefix))
+            self.default_file = self.default_file or linemap.source
+        return self
+
+    def add_overrides(self, overrides: Sequence[str], shown_as: Sequence[str] | None = None) -> "Origins":
+        """``overrides`` as applied (``lora.r=0``); ``shown_as`` as typed (``sft.lora.r=0``)."""
+        for item, shown in zip(overrides, shown_as or overrides):
+            self.overrides[item.partition("=")[0]] = shown
+        return self
+
+    def override(self, key: str) -> str | None:
+        """The override that set ``key`` or a section holding it."""
+        for set_key, shown in reversed(self.overrides.items()):
+            if key == set_key or key.startswith(set_key + "."):
+                return shown
+        return None
+
+    def locate(self, key: str) -> tuple[str | None, int | None]:
+        """(file, line) of ``key``, or of its nearest section that a file sets."""
+        probe = key
+        while probe:
+            for linemap, prefix in reversed(self.layers):
+                if prefix + probe in linemap.lines:
+                    return linemap.source, linemap.lines[prefix + probe]
+            probe = probe.rpartition(".")[0]
+        return self.default_file, None
+
+
 def _walk_nodes(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -96,28 +139,67 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], _LineMap]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML, so ``lr=1e-4`` is a float)."""
+    """Apply ``a.b.c=value`` strings (values parsed as YAML, so ``lr=1e-4`` is a float).
+
+    A number indexes a list: ``data.datasets.0.weight=0.5`` sets the first dataset's weight, and the
+    index just past the end adds an item (``data.datasets.1.path=more.jsonl``).
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override '{item}' is not of the form key=value",
+                              hint="e.g. training.learning_rate=1e-4")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and raw.strip() != raw:
             value = raw
-        target = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            existing = target.get(part)
-            if existing is None:
-                existing = target[part] = {}
-            if not isinstance(existing, dict):
-                raise ConfigError(f"cannot set '{key}': '{part}' is not a section", field=key)
-            target = existing
-        target[parts[-1]] = value
+        target: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(target, list):
+                index = _list_index(item, parts, depth, len(target))
+                if index == len(target):
+                    target.append({})
+                if last:
+                    target[index] = value
+                    break
+                if target[index] is None:
+                    target[index] = {}
+                target = target[index]
+            elif isinstance(target, dict):
+                if last:
+                    target[part] = value
+                    break
+                if target.get(part) is None:
+                    target[part] = [] if parts[depth + 1].isdigit() else {}
+                target = target[part]
+            else:
+                section = ".".join(parts[:depth])
+                raise ConfigError(f"override '{item}': '{section}' is {_yaml_text(target)}, not a section",
+                                  hint=f"set the whole value instead, e.g. {section}=...")
     return data
+
+
+def _list_index(item: str, parts: list[str], depth: int, length: int) -> int:
+    section = ".".join(parts[:depth])
+    if not parts[depth].isdigit():
+        raise ConfigError(f"override '{item}': '{section}' is a list; name an item by its index",
+                          hint=f"e.g. {section}.0.{parts[depth]}=..., or {section}=[...] for the whole list")
+    index = int(parts[depth])
+    if index > length:
+        raise ConfigError(f"override '{item}': '{section}' has {length} item(s), so index {index} is out of range",
+                          hint=f"indexes 0-{length - 1} change an item, {length} adds one")
+    return index
+
+
+def _yaml_text(value: Any) -> str:
+    """A value as the YAML a user would write: ``outputs/sft``, ``null``, ``[a, b]``."""
+    value = to_dict(value)
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,12 +217,14 @@ def _type_name(tp: Any) -> str:
 
 
 class _Builder:
-    def __init__(self, linemap: _LineMap | None):
-        self.linemap = linemap
+    def __init__(self, origins: Origins):
+        self.origins = origins
 
     def fail(self, key: str, message: str, hint: str | None = None) -> typing.NoReturn:
-        file = self.linemap.source if self.linemap else None
-        line = self.linemap.line(key) if self.linemap else None
+        override = self.origins.override(key) if key else None
+        if override is not None:
+            raise ConfigError(f"override '{override}': {message}", hint=hint)
+        file, line = self.origins.locate(key)
         raise ConfigError(message, file=file, line=line, field=key or None, hint=hint)
 
     def build(self, cls: type[T], data: Any, prefix: str) -> T:
@@ -164,7 +248,7 @@ class _Builder:
         try:
             built = cls(**kwargs)
         except (ValueError, ConfigError) as err:
-            if isinstance(err, ConfigError) and err.file:
+            if isinstance(err, ConfigError) and (err.file or err.reason.startswith("override '")):
                 raise
             reason = err.reason if isinstance(err, ConfigError) else str(err)
             key = err.field if isinstance(err, ConfigError) and err.field else prefix
@@ -248,9 +332,14 @@ class _Builder:
         return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], *, source: _LineMap | None = None) -> T:
-    """Build ``cls`` from a plain mapping; unknown keys and wrong types raise ConfigError."""
-    return _Builder(source).build(cls, data, "")
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: _LineMap | Origins | None = None) -> T:
+    """Build ``cls`` from a plain mapping; unknown keys and wrong types raise ConfigError.
+
+    ``source`` says where keys came from: one file's line map, or ``Origins`` for merged files and
+    command-line overrides.
+    """
+    origins = source if isinstance(source, Origins) else Origins().add_file(source)
+    return _Builder(origins).build(cls, data, "")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -265,7 +354,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         file_data, linemap = read_yaml(path)
         data = deep_merge(data, file_data)
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data, source=linemap)
+    return from_dict(cls, data, source=Origins(path).add_file(linemap).add_overrides(overrides))
 
 
 def deep_merge(into: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,17 +383,28 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every field, nested sections flattened, for ``--help-config``."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, nested sections flattened, for ``--help-config``.
+
+    Defaults are shown as the YAML a user would write (``outputs/sft``, ``null``, ``[a, b]``); a
+    section's defaults are those of the instance its parent builds (SFT's ``training.output_dir`` is
+    ``outputs/sft``, not the generic one).
+    """
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
+        if defaults is not None:
+            default: Any = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key + ".", default if default is not dataclasses.MISSING else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        rows.append((key, repr(default), f.metadata.get("help", "")))
+        shown = "(required)" if default is dataclasses.MISSING else _yaml_text(default)
+        rows.append((key, shown, f.metadata.get("help", "")))
     return rows

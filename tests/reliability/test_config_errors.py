@@ -26,7 +26,8 @@ def lorelay_sft(config: Path, *overrides: str) -> subprocess.CompletedProcess:
      "(did you mean 'learning_rate'?)"),
     (DATA + "trainig: {epochs: 1}\n", [], "sft.yaml:2 field 'trainig': unknown key 'trainig' in SFTConfig "
                                           "(did you mean 'training'?)"),
-    (DATA, ["training.batchsize=4"], "field 'training.batchsize': unknown key 'batchsize' in TrainingConfig "
+    (DATA + "lora: {r: 8}\n", ["lora.r=0"], "lorelay: error: override 'lora.r=0': must be a positive integer\n"),
+    (DATA, ["training.batchsize=4"], "override 'training.batchsize=4': unknown key 'batchsize' in TrainingConfig "
                                      "(did you mean 'batch_size'?)"),
     (DATA + "training:\n  max_steps: many\n", [], "sft.yaml:3 field 'training.max_steps': expected an integer, "
                                                   "got 'many'"),
