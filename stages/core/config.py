@@ -254,9 +254,10 @@ class _Builder:
             key = err.field if isinstance(err, ConfigError) and err.field else prefix
             key = f"{prefix}.{key}" if prefix and key != prefix else key
             self.fail(key, reason, err.hint if isinstance(err, ConfigError) else None)
-        if hasattr(built, "locate") and self.linemap is not None:
+        file, line = self.origins.locate(prefix)
+        if hasattr(built, "locate") and file is not None:
             # Objects that report errors later (a reward at its first call) remember their config line.
-            built.locate(self.linemap.source, self.linemap.line(prefix))
+            built.locate(file, line)
         return built
 
     def convert(self, tp: Any, value: Any, key: str) -> Any:
