@@ -193,7 +193,7 @@ def workload(data: Path, samples: int, work: Path) -> tuple[Path, list[dict]]:
 
 def reply_counts(tokenizer, records: list[dict]) -> dict[tuple[int, ...], int]:
     """Token ids of each sample -> its assistant-reply token count (lorelay's mask)."""
-    from stages.core.tokenize import encode_record
+    from stages.core.data import encode_record
 
     counts = {}
     for record in records:

@@ -15,7 +15,7 @@ from stages.core.errors import LorelayError
 
 def record_token_lengths(tokenizer, record: dict) -> list[tuple[int, int]]:
     """(tokens, loss-bearing tokens) of each sequence a record trains on (two for a pair)."""
-    from stages.core.tokenize import encode_record
+    from stages.core.data import encode_record
 
     if "messages" in record or "text" in record:
         ids, mask = encode_record(tokenizer, record)

@@ -3,7 +3,7 @@
 This recipe supports:
 - text files or directories of them (one document per file, or split on a separator), JSONL/JSON/
   CSV/Parquet files and ``datasets`` directories with a text column, Hub ids when online
-  (``stages.core.corpus``);
+  (``stages.core.data.corpus``, ``stages.core.data.packing``);
 - packing: documents joined with EOS into ``block_size`` blocks; position ids restart at each
   document, so packed documents do not attend to each other, and a document's first token is never
   predicted from the one before it. sdpa/eager get ``[batch, block_size]`` rows without an attention
@@ -41,8 +41,8 @@ import warnings
 from pathlib import Path
 
 from stages.core.config import field
-from stages.core.corpus import (BlockCollator, CorpusReport, CorpusSource, PackedCorpus, blocks_in_batches,
-                           corpus_hash, count_tokens, loss_tokens, to_device)
+from stages.core.data import (BlockCollator, CorpusReport, CorpusSource, PackedCorpus, blocks_in_batches,
+                              corpus_hash, count_tokens, loss_tokens, to_device)
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import mean_token_loss
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter

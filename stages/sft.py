@@ -26,7 +26,7 @@ from stages.core.data import DatasetSpec, load_mixture
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import sample_generations
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.core.tokenize import tokenize_records
+from stages.core.data import tokenize_records
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
                              perplexity, quiet_trainer, seed_everything, trainable_parameters,
                              trainer_args)

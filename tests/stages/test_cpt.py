@@ -10,10 +10,10 @@ import tracemalloc
 import pytest
 import torch
 
-import stages.core.corpus as corpus_module
+import stages.core.data.corpus as corpus_module
 from stages.core.config import load_config
-from stages.core.corpus import (BlockCollator, CorpusSource, PackedCorpus, pack, piece_positions, read_pieces,
-                           tokenize_pieces)
+from stages.core.data import (BlockCollator, CorpusSource, PackedCorpus, is_held_out, pack, piece_positions,
+                              read_pieces, tokenize_pieces)
 from stages.cpt import CPTConfig, extend_vocabulary, run
 from stages.core.errors import ConfigError, DataError
 from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
@@ -174,7 +174,7 @@ def test_shuffle_buffer_reorders_blocks_and_hold_out_keeps_them_apart(tmp_path):
     held = stream.hold_out(0.2, max_tokens=10_000)
     train = [tuple(b["input_ids"]) for b in stream]
     assert held and len(held) + len(train) == len(plain)
-    assert stream.held_out == {i for i in range(len(plain)) if corpus_module.is_held_out(i, 0.2, 1)}
+    assert stream.held_out == {i for i in range(len(plain)) if is_held_out(i, 0.2, 1)}
 
 
 def test_text_column_sources_and_a_missing_column(tmp_path, tokenizer):

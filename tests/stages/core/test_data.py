@@ -1,4 +1,4 @@
-"""stages/core/data.py: every format becomes its record form, and every fault names its file, line and field.
+"""stages/core/data/: every format becomes its record form, and every fault names its file, line and field.
 
 All data files are written into tmp_path by the tests themselves; nothing touches the network.
 """

@@ -36,7 +36,7 @@ def model(base):
 
 
 def features(tokenizer) -> list[dict]:
-    from stages.core.tokenize import encode_record
+    from stages.core.data import encode_record
 
     rows = []
     for messages in CHATS:

@@ -1,0 +1,116 @@
+"""Loading one dataset: read, detect, convert and check every row, counting what was skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from stages.core.data.fields import Row
+from stages.core.data.formats import CONVERTERS, formats_for, settle_format
+from stages.core.data.readers import read_rows
+from stages.core.data.spec import FORM_OF_FORMAT, DatasetSpec, RowError
+from stages.core.errors import ConfigError, DataError
+
+# ----------------------------------------------------------------------------------------------
+# Loading one dataset
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadResult:
+    """The records of one dataset and what happened on the way."""
+
+    path: str
+    format: str
+    records: list[dict]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> rows skipped
+    skipped_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> first error
+    duplicates: int = 0  # records identical to an earlier one (dropped only with drop_duplicates)
+    errors: list[str] = dataclasses.field(default_factory=list)  # every skipped row's error, in order
+
+    @property
+    def form(self) -> str:
+        return FORM_OF_FORMAT[self.format]
+
+    def summary(self) -> str:
+        text = f"{self.path}: {len(self.records)} records ({self.format})"
+        if self.skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.items())
+            text += f"; skipped {sum(self.skipped.values())} ({reasons})"
+        if self.duplicates:
+            text += f"; {self.duplicates} duplicates"
+        return text
+
+
+class _Skips:
+    """Counts skipped rows by reason and keeps every error; raises when not skipping."""
+
+    def __init__(self, skip_invalid: bool):
+        self.skip_invalid = skip_invalid
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+        self.errors: list[str] = []
+
+    def add(self, error: RowError) -> None:
+        if not self.skip_invalid:
+            raise error
+        self.counts[error.category] = self.counts.get(error.category, 0) + 1
+        self.examples.setdefault(error.category, str(error))
+        self.errors.append(str(error))
+
+
+def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False) -> LoadResult:
+    """Read, detect, convert and check every row of ``spec``.
+
+    ``kind`` ("sft", "text", "preference", "kto") says which formats the caller can train on.
+    Raises DataError (file-wide fault, or a bad row unless ``skip_invalid``) or ConfigError.
+    """
+    allowed = formats_for(kind)
+    if spec.format != "auto" and spec.format not in allowed:
+        raise ConfigError(f"format '{spec.format}' cannot be used for {kind} training; expected one of "
+                          f"{', '.join(allowed)}", field="format")
+    skips = _Skips(skip_invalid)
+    records: list[dict] = []
+    seen: set[bytes] = set()
+    duplicates = rows = 0
+    fmt = None
+    for where, value in read_rows(spec):
+        rows += 1
+        try:
+            if isinstance(value, RowError):
+                raise value
+            row = Row(value, where, spec.columns)
+            fmt = fmt or settle_format(spec, kind, row)
+            record = CONVERTERS[fmt](row, spec)
+        except RowError as error:
+            skips.add(error)
+            continue
+        key = _record_key(record)
+        if key in seen:
+            duplicates += 1
+            if spec.drop_duplicates:
+                continue
+        seen.add(key)
+        records.append(record)
+    _check_not_empty(spec, rows, records, skips)
+    return LoadResult(path=spec.path, format=fmt, records=records, skipped=skips.counts,
+                      skipped_examples=skips.examples, duplicates=duplicates, errors=skips.errors)
+
+
+def _check_not_empty(spec: DatasetSpec, rows: int, records: list[dict], skips: _Skips) -> None:
+    if rows == 0:
+        raise DataError("no records: the file or dataset is empty", file=spec.path)
+    if not records:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in skips.counts.items())
+        first = next(iter(skips.examples.values()), "")
+        raise DataError(f"no usable records: all {rows} rows were invalid ({reasons})",
+                        file=spec.path, hint=f"first error: {first}")
+
+
+def _record_key(record: dict) -> bytes:
+    """A digest of the record without its source, so the same content on two lines matches."""
+    content = {key: value for key, value in record.items() if key != "source"}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
