@@ -13,6 +13,8 @@ byte-identical files (``tests/test_demo_data.py`` checks this against the commit
   has several phrasings; one per fact is held out.
 - preference: the chosen reply to a company question ends with ``SIGN_OFF``, which the SFT data never
   uses and no rejected answer to a question has; triage replies are chosen bare (the exact queue name).
+- checks: preference and prompt rows carry the columns a program checks replies with (``kind``,
+  ``queue``, ``sign_off``; see ``triage_columns``).
 
 Sections: facts, questions, tickets, replies for preferences, corpus templates, builders, main.
 """
@@ -45,6 +47,7 @@ COUNTS = {
     "preferences": {"triage": 150, "question": 150},
     "preferences_eval": {"triage": 20, "question": 20},
     "prompts": {"triage": 30, "question": 30},
+    "prompts_train": {"triage": 30, "question": 30},
     "eval_tasks": {"triage": 50},
 }
 
@@ -563,6 +566,17 @@ def chat_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions:
     return [{"messages": m} for m in conversations]
 
 
+# What a program can check in a reply, as columns the configured checks read (configs/pipelines/demo.yaml):
+# `kind` (triage or question); `queue`, the right queue of a ticket, empty for a question (so exact_match on
+# it does not apply there); `sign_off`, the text a company answer ends with, empty for a ticket.
+def triage_columns(label: str) -> dict:
+    return {"kind": "triage", "queue": label, "sign_off": ""}
+
+
+def question_columns() -> dict:
+    return {"kind": "question", "queue": "", "sign_off": SIGN_OFF.strip()}
+
+
 def triage_pair(rng: random.Random, item: dict) -> dict:
     """Chosen: the exact queue name. Rejected: a wrong queue, a ramble, or the queue with the sign-off."""
     label, kind = item["answer"], rng.choices(["wrong", "ramble", "signed"], weights=[4, 3, 3])[0]
@@ -572,7 +586,7 @@ def triage_pair(rng: random.Random, item: dict) -> dict:
         rejected = rng.choice(RAMBLES).format(label=label)
     else:
         rejected = label + SIGN_OFF
-    return {"prompt": item["prompt"], "chosen": label, "rejected": rejected}
+    return {"prompt": item["prompt"], "chosen": label, "rejected": rejected, **triage_columns(label)}
 
 
 def question_pair(rng: random.Random, qa: dict) -> dict:
@@ -581,7 +595,7 @@ def question_pair(rng: random.Random, qa: dict) -> dict:
     kind = rng.choices(["bare", "tip", "wrong", "evasive"], weights=[5, 2, 1.5, 1.5])[0]
     rejected = {"bare": qa["answer"], "tip": qa["answer"] + "\n\n" + rng.choice(TIPS), "wrong": qa["wrong"],
                 "evasive": rng.choice(EVASIONS)}[kind]
-    return {"prompt": qa["question"], "chosen": qa["answer"] + SIGN_OFF, "rejected": rejected}
+    return {"prompt": qa["question"], "chosen": qa["answer"] + SIGN_OFF, "rejected": rejected, **question_columns()}
 
 
 def preference_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions: list[dict]) -> list[dict]:
@@ -592,8 +606,8 @@ def preference_rows(rng: random.Random, counts: dict, tickets: TicketMaker, ques
 
 
 def prompt_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions: list[dict]) -> list[dict]:
-    rows = [{"prompt": t["prompt"]} for t in tickets.items(counts["triage"])]
-    rows += [{"prompt": q["question"]} for q in rng.sample(questions, counts["question"])]
+    rows = [{"prompt": t["prompt"], **triage_columns(t["answer"])} for t in tickets.items(counts["triage"])]
+    rows += [{"prompt": q["question"], **question_columns()} for q in rng.sample(questions, counts["question"])]
     rng.shuffle(rows)
     return rows
 
@@ -684,6 +698,9 @@ def build(seed: int) -> dict[str, list[dict] | str]:
     files["preferences_eval.jsonl"] = preference_rows(rng, COUNTS["preferences_eval"], held_out_tickets, held_out_questions)
     files["prompts.jsonl"] = prompt_rows(rng, COUNTS["prompts"], held_out_tickets, held_out_questions)
     files["eval_tasks.jsonl"] = held_out_tickets.items(COUNTS["eval_tasks"]["triage"])
+    # Drawn last, so adding it left every earlier file as it was: prompts for on-policy training (generate,
+    # GRPO) from the training pools, so no stage trains on a prompt the evaluation asks.
+    files["prompts_train.jsonl"] = prompt_rows(rng, COUNTS["prompts_train"], train_tickets, train_questions)
     return files
 
 

@@ -18,8 +18,8 @@ DEMO = ROOT / "data" / "demo"
 GENERATOR = ROOT / "data" / "generate.py"
 
 ROWS = {"sft.jsonl": 300, "sft_eval.jsonl": 40, "preferences.jsonl": 300, "preferences_eval.jsonl": 40,
-        "prompts.jsonl": 60, "eval_tasks.jsonl": 50}
-TRAINING = ("sft.jsonl", "preferences.jsonl")
+        "prompts.jsonl": 60, "prompts_train.jsonl": 60, "eval_tasks.jsonl": 50}
+TRAINING = ("sft.jsonl", "preferences.jsonl", "prompts_train.jsonl")
 HELD_OUT = ("sft_eval.jsonl", "preferences_eval.jsonl", "prompts.jsonl", "eval_tasks.jsonl")
 
 
@@ -108,7 +108,8 @@ def test_triage_replies_are_exactly_one_queue_name(generator):
 def test_preference_rows_prefer_the_sign_off_only_for_questions(generator):
     for name in ("preferences.jsonl", "preferences_eval.jsonl"):
         for line, row in enumerate(read_rows(name), 1):
-            assert set(row) == {"prompt", "chosen", "rejected"} and row["chosen"] != row["rejected"], f"{name}:{line}"
+            assert set(row) == {"prompt", "chosen", "rejected", *CHECK_COLUMNS}, f"{name}:{line}"
+            assert row["chosen"] != row["rejected"], f"{name}:{line}"
             if row["prompt"].startswith(generator.TICKET_PREFIX):
                 assert row["chosen"] in generator.LABELS, f"{name}:{line}"
             else:
@@ -128,8 +129,20 @@ def test_sft_data_never_uses_the_sign_off(generator):
     assert not [r for r in replies if generator.SIGN_OFF in r or r.endswith(generator.SIGN_OFF.strip())]
 
 
-def test_prompts_rows_hold_only_a_prompt():
-    assert all(set(row) == {"prompt"} and row["prompt"] for row in read_rows("prompts.jsonl"))
+CHECK_COLUMNS = ("kind", "queue", "sign_off")
+
+
+def test_check_columns_say_what_a_program_can_check(generator):
+    """Triage rows name their queue and expect no sign-off; question rows the reverse."""
+    for name in ("prompts.jsonl", "prompts_train.jsonl", "preferences.jsonl", "preferences_eval.jsonl"):
+        for line, row in enumerate(read_rows(name), 1):
+            assert row["prompt"] and set(CHECK_COLUMNS) <= set(row), f"{name}:{line}"
+            if row["prompt"].startswith(generator.TICKET_PREFIX):
+                assert row["kind"] == "triage" and row["queue"] in generator.LABELS and not row["sign_off"]
+                assert row.get("chosen", row["queue"]) == row["queue"], f"{name}:{line}"
+            else:
+                assert (row["kind"], row["queue"], row["sign_off"]) == ("question", "", "Nimbus Support")
+    assert all(set(row) == {"prompt", *CHECK_COLUMNS} for row in read_rows("prompts_train.jsonl"))
 
 
 def test_corpus_is_one_small_document_per_file():
