@@ -1,9 +1,14 @@
-"""On-policy preference data: sample from the current policy, judge with the reward model, keep pairs.
+"""On-policy preference data: sample from the current policy, judge with the reward model and the checks.
 
-For each held-out prompt the policy (base + incoming adapter) samples ``samples_per_prompt`` replies;
-the reward model (a reward stage directory, put on the same shared base) scores them; the best and
-the worst reply become a preference pair for DPO, with their scores and the policy and reward
-model they came from recorded as provenance. Prompts whose replies all score alike are dropped.
+For each prompt the policy (base + incoming adapter) samples ``samples_per_prompt`` replies; the reward
+model (a reward stage directory, put on the same shared base) scores them, and the configured ``checks``
+(programmatic rewards, ``stages.core.rewards``) pass or fail each one. The chosen reply is the best-scored
+among those that pass every check that applies to the prompt, so no pair teaches a wrong answer; the
+rejected one is the worst-scored reply that fails a check, or the worst-scored of all when none fails.
+A pair whose rejected reply fails a check is kept even when the reward model preferred it: the check
+outranks the model. Prompts with no passing reply, or whose pair the reward model cannot tell apart
+(gap below ``min_score_gap``, when the checks do not decide), are dropped and counted.
+Scores, check results, the policy and the reward model are recorded as each pair's provenance.
 
 Output directory: ``dataset.jsonl`` (preference rows stages.core.data reads), ``metrics.json``,
 ``manifest.json``.
@@ -21,6 +26,8 @@ from stages.core.data import DatasetSpec, read_rows
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import generate
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.judges import check_outcomes, column_lists, pass_rates
+from stages.core.rewards import Reward, RewardSpec, check_rewards, load_rewards
 from stages.core.training import StageOutput, is_main_process
 
 
@@ -31,6 +38,9 @@ class GenerateConfig:
     prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="data/demo/prompts.jsonl"),
                                  help="Prompts: rows with a `prompt` string or `messages` ending in a user turn.")
     reward_model: Path | None = field(None, help="Reward stage directory that judges the samples (required).")
+    checks: list[RewardSpec] = field(
+        default_factory=list, help="Programmatic checks (fn/args, as GRPO's rewards) a chosen reply must pass, each "
+                                   "where it applies; they read the prompt rows' other columns (e.g. queue).")
     samples_per_prompt: int = field(4, help="Replies sampled per prompt; the best and worst form a pair.")
     max_prompts: int | None = field(None, help="Use only the first N prompts.")
     max_new_tokens: int = field(64, help="Length limit of each sampled reply.")
@@ -59,7 +69,8 @@ def load_prompts(spec: DatasetSpec, limit: int | None) -> list[dict]:
         else:
             raise where.error("prompt", "expected a non-empty `prompt` string or a `messages` list",
                               field="prompt")
-        prompts.append({"messages": messages, "source": where.source})
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+        prompts.append({"messages": messages, "source": where.source, "columns": columns})
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
@@ -67,10 +78,27 @@ def load_prompts(spec: DatasetSpec, limit: int | None) -> list[dict]:
     return prompts
 
 
-def best_and_worst(replies: list[str], scores: list[float]) -> tuple[int, int]:
-    best = max(range(len(scores)), key=scores.__getitem__)
-    worst = min(range(len(scores)), key=scores.__getitem__)
-    return best, worst
+def check_results(checks: list[Reward], prompts: list[dict], replies: list[list[str]]) -> list[list[dict]]:
+    """Per prompt, per reply: {check name: True/False, or None where it does not apply}."""
+    flat = check_outcomes(checks, [p["messages"] for p, rs in zip(prompts, replies) for _ in rs],
+                          [r for rs in replies for r in rs],
+                          [p["columns"] for p, rs in zip(prompts, replies) for _ in rs])
+    starts = [0]
+    for rs in replies:
+        starts.append(starts[-1] + len(rs))
+    return [flat[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def choose_pair(scores: list[float], checks: list[dict]) -> tuple[int, int] | None:
+    """(chosen, rejected): the best-scored reply that fails no check, and the worst-scored one that fails a
+    check (or the worst of all when none fails). None when no reply passes."""
+    passing = [i for i, c in enumerate(checks) if False not in c.values()]
+    if not passing:
+        return None
+    chosen = max(passing, key=scores.__getitem__)
+    failing = [i for i, c in enumerate(checks) if False in c.values()]
+    rejected = min(failing or [i for i in range(len(scores)) if i != chosen], key=scores.__getitem__)
+    return chosen, rejected
 
 
 def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -> Path:
@@ -81,6 +109,10 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
         raise ConfigError("a reward stage directory is needed to judge samples", field="reward_model")
     output = StageOutput(config.output_dir, stage="generate")
     prompts = load_prompts(config.prompts, config.max_prompts)
+    # Checks fail now, before any model work, on a missing column or a function that breaks on these rows.
+    checks = load_rewards(config.checks, where=str(config.prompts.path))
+    trial = prompts[:4]
+    check_rewards(checks, [p["messages"] for p in trial], [""] * len(trial), column_lists([p["columns"] for p in trial]))
 
     # ---- sample from the policy ------------------------------------------------------------------
     started = time.time()
@@ -104,29 +136,43 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
         flat_scores = score(judge, base.tokenizer, conversations, batch_size=config.batch_size)
     output.mark("score", started)
 
-    # ---- keep best and worst as pairs --------------------------------------------------------------
+    # ---- pair: chosen passes every check, rejected is the worst (a failing one when there is one) ----------
     n = config.samples_per_prompt
-    rows, dropped = [], 0
+    results = check_results(checks, prompts, samples) if checks else [[{} for _ in rs] for rs in samples]
+    rows, dropped = [], {"no_passing_reply": 0, "low_gap": 0}
     for index, (prompt, replies) in enumerate(zip(prompts, samples)):
         scores = flat_scores[index * n:(index + 1) * n]
-        best, worst = best_and_worst(replies, scores)
+        pair = choose_pair(scores, results[index])
+        if pair is None:
+            dropped["no_passing_reply"] += 1
+            continue
+        best, worst = pair
         gap = scores[best] - scores[worst]
-        if gap < config.min_score_gap or replies[best].strip() == replies[worst].strip():
-            dropped += 1
+        decided_by_checks = False in results[index][worst].values()
+        if replies[best].strip() == replies[worst].strip() or (not decided_by_checks and gap < config.min_score_gap):
+            dropped["low_gap"] += 1
             continue
         rows.append({"prompt": prompt["messages"],
                      "chosen": [{"role": "assistant", "content": replies[best]}],
                      "rejected": [{"role": "assistant", "content": replies[worst]}],
-                     "margin": round(gap, 4),
+                     **({"margin": round(gap, 4)} if gap > 0 else {}),
                      "provenance": {"prompt_source": prompt["source"], "policy": str(adapter or "base"),
-                                    "reward_model": str(config.reward_model), "scores": scores}})
+                                    "reward_model": str(config.reward_model), "scores": scores,
+                                    "checks": {"chosen": results[index][best], "rejected": results[index][worst]},
+                                    "decided_by": "checks" if decided_by_checks else "reward_model"}})
     if not rows:
-        raise DataError("every prompt's samples scored alike; no preference pair was formed",
-                        hint="raise temperature or samples_per_prompt, or lower min_score_gap")
-    metrics = {"prompts": len(prompts), "pairs": len(rows), "dropped_low_gap": dropped,
-               "mean_gap": sum(r["margin"] for r in rows) / len(rows),
+        raise DataError(f"no preference pair was formed ({dropped['no_passing_reply']} prompts had no reply "
+                        f"passing every check, {dropped['low_gap']} scored alike)",
+                        hint="raise temperature or samples_per_prompt, lower min_score_gap, or check the checks")
+    sampled = [c for per_prompt in results for c in per_prompt]
+    metrics = {"prompts": len(prompts), "pairs": len(rows), "dropped_low_gap": dropped["low_gap"],
+               "dropped_no_passing_reply": dropped["no_passing_reply"],
+               "pairs_decided_by_checks": sum(r["provenance"]["decided_by"] == "checks" for r in rows),
+               "mean_gap": sum(r.get("margin", 0.0) for r in rows) / len(rows),
                "mean_best_score": sum(max(flat_scores[i * n:(i + 1) * n]) for i in range(len(prompts))) / len(prompts),
                "mean_score": sum(flat_scores) / len(flat_scores)}
+    # how often the policy's samples pass: what the pairs had to work with
+    metrics.update({f"sample_{name}": rate for name, rate in pass_rates(sampled).items()})
     if is_main_process():
         with open(output.staging / "dataset.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from stages.core.config import field
 from stages.core.errors import ConfigError, LorelayError
+from stages.core.rewards import PASS, Reward
 
 Choice = Literal["A", "B"] | None  # None: the judge named neither reply
 
@@ -55,6 +56,30 @@ def tally(verdicts: Sequence[int], prefix: str = "") -> dict[str, float | int]:
     wins, losses = sum(v > 0 for v in verdicts), sum(v < 0 for v in verdicts)
     return {f"{prefix}wins": wins, f"{prefix}losses": losses, f"{prefix}ties": len(verdicts) - wins - losses,
             f"{prefix}win_rate_vs_parent": wins / n, f"{prefix}loss_rate_vs_parent": losses / n}
+
+
+def column_lists(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """Per-row column dicts as the column lists a reward takes (a row without a key gets None)."""
+    return {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+
+
+def check_outcomes(checks: Sequence[Reward], prompts: Sequence, completions: Sequence[str],
+                   columns: Sequence[Mapping[str, Any]]) -> list[dict[str, bool | None]]:
+    """Per completion: {check name: passed (value >= PASS), or None where the check does not apply}."""
+    outcomes: list[dict[str, bool | None]] = [{} for _ in completions]
+    for check in checks:
+        for outcome, value in zip(outcomes, check(prompts, completions, **column_lists(columns)), strict=True):
+            outcome[check.name] = None if value is None else value >= PASS
+    return outcomes
+
+
+def pass_rates(outcomes: Sequence[Mapping[str, bool | None]]) -> dict[str, float | None]:
+    """``{name}_rate`` per check: passes over the rows where it applies (None where it applied nowhere)."""
+    rates: dict[str, float | None] = {}
+    for name in dict.fromkeys(k for outcome in outcomes for k in outcome):
+        applied = [o[name] for o in outcomes if o.get(name) is not None]
+        rates[f"{name}_rate"] = sum(applied) / len(applied) if applied else None
+    return rates
 
 
 def check_verdicts(mine: Sequence[dict[str, bool | None]], theirs: Sequence[dict[str, bool | None]]) -> list[int]:
