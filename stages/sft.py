@@ -70,8 +70,8 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     # issue 10 (speed): TRL's SFTTrainer, with the LM head and loss on labelled positions only where TRL
-    # scores every position (CPU); identical loss and gradients, see stages/core/efficient_loss.py.
-    from stages.core.efficient_loss import sft_trainer_class
+    # scores every position (CPU); identical loss and gradients, see stages/core/training/losses.py.
+    from stages.core.training.losses import sft_trainer_class
     SFTTrainer = sft_trainer_class()
 
     training, data = config.training, config.data

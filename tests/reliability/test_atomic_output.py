@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import stages.core.training
+import stages.core.training.outputs
 from stages.core.errors import DataError, LorelayError
 from stages.core.training import StageOutput, verify_output
 
@@ -39,7 +39,7 @@ def test_a_crash_before_the_rename_leaves_the_earlier_result_whole(tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(stages.core.training, crash_at, crash)
+    monkeypatch.setattr(stages.core.training.outputs, crash_at, crash)
     with pytest.raises(OSError):
         commit(tmp_path / "sft", "v2")
     verify_output(tmp_path / "sft")
@@ -56,7 +56,7 @@ def test_a_crash_between_the_two_renames_is_undone_by_the_next_stage(tmp_path, m
             raise OSError("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(stages.core.training.os, "replace", replace)
+    monkeypatch.setattr(stages.core.training.outputs.os, "replace", replace)
     with pytest.raises(OSError):
         commit(tmp_path / "sft", "v2")
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from stages.core.progress import NonFiniteGuard, NonFiniteLoss
+from stages.core.training.trainer_callbacks import NonFiniteGuard, NonFiniteLoss
 from stages.sft import run
 from tests.reliability.helpers import (adapter_tensors, base, chat_file, checkpoints,  # noqa: F401
                                        sft_config, with_extra_callbacks)

@@ -95,11 +95,11 @@ def test_a_crash_while_saving_a_checkpoint_leaves_the_previous_one_to_resume_fro
 
 
 def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
-    from stages.core.training import _seal_checkpoint  # noqa: PLC2701 - the sealing step itself
+    from stages.core.training import seal_checkpoint
 
     folder = tmp_path / "work" / "checkpoints"
 
-    class FakeTrainer:  # what _seal_checkpoint reads from a trainer
+    class FakeTrainer:  # what seal_checkpoint reads from a trainer
         class state:  # noqa: N801
             best_model_checkpoint = None
             global_step = 0
@@ -111,7 +111,7 @@ def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
         (pending / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
         (pending / "trainer_state.json").write_text("{}")
         FakeTrainer.state.global_step = step
-        _seal_checkpoint(FakeTrainer, pending, folder / f"checkpoint-{step}", TrainingConfig())
+        seal_checkpoint(FakeTrainer, pending, folder / f"checkpoint-{step}", TrainingConfig())
     (folder / "checkpoint-8").mkdir()  # written outside lorelay's rename: no manifest
     (folder / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"bit rot")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.training import _StopRequest, verify_output
+from stages.core.training import StopRequest, verify_output
 from tests.reliability.helpers import chat_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_sigterm_checkpoints_exits_130_and_resume_finishes(tmp_path, tiny_model_
 
 def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    stop = _StopRequest()
+    stop = StopRequest()
     with pytest.raises(KeyboardInterrupt):
         with stop.installed():
             os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: only noted
@@ -98,7 +98,7 @@ def test_outside_the_main_thread_no_handler_is_installed():
     seen = []
 
     def body():
-        with _StopRequest().installed():
+        with StopRequest().installed():
             seen.append(signal.getsignal(signal.SIGTERM))
 
     thread = threading.Thread(target=body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.core.efficient_loss import compact_lm_loss, label_positions, sft_trainer_class
+from stages.core.training.losses import compact_lm_loss, label_positions, sft_trainer_class
 from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 
 CHATS = [

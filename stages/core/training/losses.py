@@ -9,7 +9,7 @@ other devices) it scores every position, and recomputes the projection in its ba
 
 ``compact_lm_loss`` asks the model for logits at the labelled positions only (transformers'
 ``logits_to_keep`` with a boolean mask), then takes the cross-entropy there: the same loss and the same
-gradients as the full computation (``tests/stages/test_efficient_loss.py``), with the LM head, the softmax
+gradients as the full computation (``tests/stages/core/training/test_losses.py``), with the LM head, the softmax
 and their backward on a fraction of the tokens. ``sft_trainer_class()`` is TRL's ``SFTTrainer`` with
 that loss wherever it applies, and TRL's own loss everywhere else (see ``CompactLoss.applies``).
 """

@@ -1,5 +1,5 @@
 """Trainer callbacks: a rich progress line, the guard against non-finite losses and gradients, and
-the control that turns a stop request into a checkpoint (both used by ``stages.core.training.fit``)."""
+the control that turns a stop request into a checkpoint (both used by ``fit``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import os
 from transformers import TrainerCallback
 
 from stages.core.errors import LorelayError
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from stages.core.training.args import is_main_process
 
 
 class RichProgress(TrainerCallback):
@@ -24,7 +21,7 @@ class RichProgress(TrainerCallback):
         self.fields = {"loss": "-", "lr": "-", "eval": "-"}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not _is_main() or os.environ.get("LORELAY_QUIET"):
+        if not is_main_process() or os.environ.get("LORELAY_QUIET"):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
@@ -137,7 +134,7 @@ class NonFiniteGuard(TrainerCallback):
         self.consecutive += 1
         if self.policy == "skip" and self.consecutive <= self.max_consecutive_skips:
             state.log_history.append({"step": step, "skipped_nonfinite": what})
-            if _is_main():
+            if is_main_process():
                 print(f"lorelay: non-finite {what} at step {step}: step skipped", flush=True)
             return control
         if self.policy == "skip":

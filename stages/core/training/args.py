@@ -1,0 +1,207 @@
+"""The settings every stage shares and the TRL arguments built from them.
+
+- ``TrainingConfig``: the optimisation settings common to all stages.
+- ``trainer_args``: a TRL config from it with defaults that are right on both CPU and GPU (TRL
+  defaults to bf16 and activation checkpointing, which fail or crawl on CPU).
+- ``callbacks`` / ``quiet_trainer``: the callbacks every stage's trainer gets.
+- process helpers (``world_size``, ``is_main_process``, ``barrier``) and ``seed_everything``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from stages.core.config import field
+from stages.core.errors import ConfigError
+
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
+                    "warmup_stable_decay"]
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    output_dir: Path = field(Path("outputs/stage"), help="Where the finished stage is written (atomically).")
+    seed: int = field(42, help="Seed for data order, dropout and LoRA initialisation.")
+    epochs: float = field(1.0, help="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = field(-1, help="Optimizer steps to run; -1 means use epochs.")
+    batch_size: int = field(8, help="Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = field(
+        1, help="Micro-batches per optimizer step. Global batch = batch_size x accumulation x processes.")
+    learning_rate: float = field(2e-4, help="Peak learning rate (LoRA takes ~10x a full fine-tune's).")
+    lr_scheduler: Scheduler = field("cosine", help="Learning-rate schedule after warmup.")
+    warmup_ratio: float = field(0.05, help="Fraction of steps spent warming up linearly from 0.")
+    min_lr_ratio: float = field(0.1, help="Floor of cosine_with_min_lr / warmup_stable_decay, as a fraction of the peak.")
+    decay_ratio: float = field(0.1, help="warmup_stable_decay: share of the steps spent in the final decay.")
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping norm.")
+    optimizer: str = field("auto", help="transformers optimizer name; auto: adamw_torch_fused on CUDA, adamw_torch on CPU.")
+    logging_steps: int = field(5, help="Log loss and learning rate every N steps.")
+    eval_steps: int | None = field(None, help="Evaluate every N steps; None evaluates once at the end.")
+    save_steps: int | None = field(None, help="Checkpoint every N steps (for --resume); None saves only the result.")
+    save_total_limit: int = field(2, help="Checkpoints kept on disk.")
+    early_stopping_patience: int | None = field(None, help="Stop after N evaluations without eval-loss improvement.")
+    report_to: list[str] = field(default_factory=list, help="Trackers: tensorboard, wandb (used when installed).")
+    resume: bool = field(False, help="Continue from the last checkpoint in <output_dir>.partial.")
+    on_nonfinite: Literal["stop", "skip"] = field(
+        "stop", help="A NaN/inf loss or gradient: stop, keeping the last good checkpoint, or skip that step "
+                     "(counted in metrics.json; 6 bad steps in a row still stop).")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("must be at least 1", field="batch_size")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError("must be at least 1", field="gradient_accumulation_steps")
+        if self.learning_rate <= 0:
+            raise ConfigError("must be positive", field="learning_rate")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("must be in [0, 1)", field="warmup_ratio")
+        if not 0.0 <= self.decay_ratio < 1.0:
+            raise ConfigError("must be in [0, 1)", field="decay_ratio")
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ConfigError("early stopping needs periodic evaluation", field="early_stopping_patience",
+                              hint="set training.eval_steps")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every process (issue 7). A no-op in a single process; under ``accelerate launch`` it
+    joins (and if needed starts) accelerate's process group, the same one the trainers use."""
+    if world_size() <= 1:
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def effective_batch(training) -> dict[str, Any]:
+    """What one optimizer step really sees across all processes (recorded in every manifest)."""
+    processes = world_size()
+    per_device = int(training.batch_size)
+    accumulation = int(training.gradient_accumulation_steps)
+    return {"world_size": processes, "per_device_batch_size": per_device,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": per_device * accumulation * processes,
+            "learning_rate": training.learning_rate}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): call it before attaching a fresh adapter, so the
+    LoRA initialisation, like data order and dropout (seeded by the trainer), follows training.seed."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *, has_eval: bool,
+                 **stage_args):
+    """A TRL config (SFTConfig, DPOConfig, ...) from lorelay's settings for this base and device."""
+    import torch
+
+    on_cuda = base.device.startswith("cuda")
+    bf16 = base.dtype == torch.bfloat16
+    fp16 = base.dtype == torch.float16
+    optimizer = training.optimizer
+    if optimizer == "auto":
+        optimizer = "adamw_torch_fused" if on_cuda else "adamw_torch"
+    scheduler_kwargs = {}
+    if training.lr_scheduler == "cosine_with_min_lr":
+        scheduler_kwargs = {"min_lr_rate": training.min_lr_ratio}
+    elif training.lr_scheduler == "warmup_stable_decay":
+        scheduler_kwargs = {"num_decay_steps": 0, "min_lr_ratio": training.min_lr_ratio}  # fit() sets the steps
+    eval_strategy = "no" if not has_eval else ("steps" if training.eval_steps else "no")
+    save_strategy = "steps" if training.save_steps else "no"
+    early_stop = training.early_stopping_patience is not None and has_eval
+    args = dict(
+        output_dir=str(work_dir / "checkpoints"),
+        seed=training.seed,
+        data_seed=training.seed,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=training.warmup_ratio,  # a float < 1 is read as a ratio of total steps
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=optimizer,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=training.eval_steps,
+        save_strategy="steps" if early_stop else save_strategy,
+        save_steps=training.save_steps or training.eval_steps,
+        save_total_limit=training.save_total_limit,
+        save_only_model=False,
+        load_best_model_at_end=early_stop,
+        metric_for_best_model="eval_loss" if early_stop else None,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not on_cuda,
+        activation_checkpointing=base.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if base.activation_checkpointing else None,
+        report_to=available_trackers(training.report_to),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+    )
+    args.update(stage_args)
+    return config_class(**args)
+
+
+def available_trackers(requested: list[str]) -> list[str]:
+    """The requested trackers that are installed; a missing one is reported, not fatal."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    usable = []
+    for name in requested:
+        if name not in modules:
+            raise ConfigError(f"unknown tracker '{name}'", field="training.report_to",
+                              hint=f"choose from {', '.join(modules)}")
+        if importlib.util.find_spec(modules[name]) is not None:
+            usable.append(name)
+        else:
+            print(f"lorelay: report_to '{name}' is not installed; skipping it (pip install {name})")
+    return usable
+
+
+def callbacks(training: TrainingConfig, *, has_eval: bool, title: str) -> list:
+    from transformers import EarlyStoppingCallback
+
+    from stages.core.training.trainer_callbacks import NonFiniteGuard, RichProgress
+
+    result = [RichProgress(title), NonFiniteGuard(training.on_nonfinite)]
+    if training.early_stopping_patience is not None and has_eval:
+        result.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
+    return result
+
+
+def quiet_trainer(trainer):
+    """Drop transformers' print-every-log callback: the rich progress line shows the same numbers."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+
+def say(message: str) -> None:
+    """A one-line note on stderr, from the main process only."""
+    if is_main_process():
+        print(f"lorelay: {message}", file=sys.stderr, flush=True)
