@@ -103,10 +103,10 @@ def parse_messages(row: Row, value: Any, column: str, *, as_role: str | None = N
         row.fail("wrong type", f"expected {wanted}, got {kind_of(value)}", column, hint)
     if not value:
         row.fail("empty conversation", "has no messages", column)
-    return [_message(row, item, f"{column}[{index}]") for index, item in enumerate(value)]
+    return [_message(row, item, f"{column}[{index}]", index) for index, item in enumerate(value)]
 
 
-def _message(row: Row, item: Any, where: str) -> dict:
+def _message(row: Row, item: Any, where: str, turn: int) -> dict:
     if not isinstance(item, dict):
         row.fail("wrong type", "expected a message object with 'role' and 'content', "
                                f"got {kind_of(item)}", where)
@@ -115,7 +115,7 @@ def _message(row: Row, item: Any, where: str) -> dict:
     if "content" not in item and not calls:
         row.fail("missing field", "the message has no 'content'", f"{where}.content")
     message = {"role": role, "content": parse_content(row, item.get("content"), f"{where}.content", role,
-                                                 has_calls=bool(calls))}
+                                                      has_calls=bool(calls), turn=turn)}
     for key in PASSTHROUGH_KEYS:
         if item.get(key) is not None:
             message[key] = item[key]
@@ -137,17 +137,22 @@ def _role(row: Row, role: Any, where: str) -> str:
     return role
 
 
-def parse_content(row: Row, content: Any, where: str, role: str, *, has_calls: bool) -> str:
-    """Message text. It may be empty (or null) only in an assistant message that calls tools."""
+def parse_content(row: Row, content: Any, where: str, role: str, *, has_calls: bool,
+                  turn: int | None = None) -> str:
+    """Message text. It may be empty (or null) only in an assistant message that calls tools.
+
+    ``turn`` is the message's index in its conversation, named in the error (with the field).
+    """
     allowed_empty = role == "assistant" and has_calls
+    turn_text = f"turn {turn}: " if turn is not None else ""
     if content is None:
         if not allowed_empty:
-            row.fail("null value", f"the {role} message's content is null", where)
+            row.fail("null value", f"{turn_text}the {role} message's content is null", where)
         content = ""
     if not isinstance(content, str):
         row.fail("wrong type", f"expected text, got {kind_of(content)}", where)
     if not content.strip() and not allowed_empty:
-        row.fail("empty content", f"the {role} message is empty", where)
+        row.fail("empty content", f"{turn_text}the {role} message is empty or only whitespace", where)
     return content
 
 

@@ -42,7 +42,7 @@ def _from_sharegpt(row: Row, spec: DatasetSpec) -> dict:
         row.fail("wrong type", f"expected a list of turns, got {kind_of(turns)}", column)
     if not turns:
         row.fail("empty conversation", "has no turns", column)
-    messages = [_sharegpt_turn(row, turn, f"{column}[{index}]") for index, turn in enumerate(turns)]
+    messages = [_sharegpt_turn(row, turn, f"{column}[{index}]", index) for index, turn in enumerate(turns)]
     system = row.text("system", required=False)
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
@@ -50,7 +50,7 @@ def _from_sharegpt(row: Row, spec: DatasetSpec) -> dict:
     return _chat_record(row, spec, messages, parse_tools(row))
 
 
-def _sharegpt_turn(row: Row, turn: Any, where: str) -> dict:
+def _sharegpt_turn(row: Row, turn: Any, where: str, index: int) -> dict:
     if not isinstance(turn, dict):
         row.fail("wrong type", f"expected a turn object with 'from' and 'value', got {kind_of(turn)}",
                  where)
@@ -63,14 +63,18 @@ def _sharegpt_turn(row: Row, turn: Any, where: str) -> dict:
                  f"{where}.{speaker_key}")
     if speaker not in SHAREGPT_ROLES:
         row.fail("unknown role",
-                 f"unknown speaker '{speaker}'; expected one of {', '.join(SHAREGPT_ROLES)}",
+                 f"turn {index}: unknown speaker '{speaker}'; expected one of {', '.join(SHAREGPT_ROLES)}",
                  f"{where}.{speaker_key}", did_you_mean(speaker, SHAREGPT_ROLES))
     value = turn.get(value_key)
     if speaker == "function_call":
+        if value is None or (isinstance(value, str) and not value.strip()):
+            row.fail("empty content", f"turn {index}: the function_call turn is empty",
+                     f"{where}.{value_key}")
         calls = _sharegpt_tool_calls(row, value, f"{where}.{value_key}")
         return {"role": "assistant", "content": "", "tool_calls": calls}
     role = SHAREGPT_ROLES[speaker]
-    return {"role": role, "content": parse_content(row, value, f"{where}.{value_key}", role, has_calls=False)}
+    return {"role": role, "content": parse_content(row, value, f"{where}.{value_key}", role, has_calls=False,
+                                                   turn=index)}
 
 
 SHAPE = '{"name": ..., "arguments": {...}}'
@@ -186,12 +190,30 @@ def _margin(row: Row) -> float | None:
 
 
 def _from_kto(row: Row, spec: DatasetSpec) -> dict:
-    prompt = parse_messages(row, row.get("prompt"), row.column("prompt"), as_role="user")
-    column = row.column("completion")
-    completion = parse_messages(row, row.get("completion"), column, as_role="assistant")
-    check_only_replies(row, completion, column)
+    if row.has("messages") and not row.has("prompt"):
+        prompt, completion = _kto_conversation(row)
+    else:
+        prompt = parse_messages(row, row.get("prompt"), row.column("prompt"), as_role="user")
+        column = row.column("completion")
+        completion = parse_messages(row, row.get("completion"), column, as_role="assistant")
+        check_only_replies(row, completion, column)
+    label = row.flag("kto_tag" if row.column("kto_tag") in row.data else "label")
     return {"prompt": with_system_prompt(prompt, spec.system_prompt), "completion": completion,
-            "label": row.flag("label"), "source": row.where.source}
+            "label": label, "source": row.where.source}
+
+
+def _kto_conversation(row: Row) -> tuple[list[dict], list[dict]]:
+    """LLaMA-Factory's KTO layout: one conversation, whose final assistant turns are the completion."""
+    column = row.column("messages")
+    messages = parse_messages(row, row.get("messages"), column)
+    check_ends_with_reply(row, messages, column)
+    start = len(messages)
+    while start > 0 and messages[start - 1]["role"] == "assistant":
+        start -= 1
+    if start == 0:
+        row.fail("no shared prompt", "has only assistant turns: there is no prompt to judge the reply to",
+                 column)
+    return messages[:start], messages[start:]
 
 
 CONVERTERS = {

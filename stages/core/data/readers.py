@@ -109,7 +109,9 @@ def _skip_rest_of_line(handle) -> int:
     return skipped
 
 
-def _read_jsonl(path: Path, label: str) -> Rows:
+def _read_jsonl(path: Path, label: str, *, pretty_hint: bool = True) -> Rows:
+    """One record per line. ``pretty_hint``: say where a pretty-printed record belongs (not for a
+    .json file, which is already that place)."""
     for number, text in _text_lines(path, label):
         where = Where(label, line=number)
         if isinstance(text, RowError):
@@ -121,18 +123,21 @@ def _read_jsonl(path: Path, label: str) -> Rows:
         try:
             yield where, json.loads(body)
         except json.JSONDecodeError as err:
-            yield where, _json_line_error(where, err, body, last_line=not text.endswith("\n"))
+            yield where, _json_line_error(where, err, body, last_line=not text.endswith("\n"),
+                                          pretty_hint=pretty_hint)
         except RecursionError:
             yield where, where.error("invalid JSON", "invalid JSON: nested too deeply")
 
 
-def _json_line_error(where: Where, err: json.JSONDecodeError, body: str, *, last_line: bool) -> RowError:
+def _json_line_error(where: Where, err: json.JSONDecodeError, body: str, *, last_line: bool,
+                     pretty_hint: bool) -> RowError:
     hint = None
     if last_line:
         hint = "this is the last line and it has no line end: the file may be truncated"
     elif err.pos >= len(body):
-        hint = ("JSON Lines needs each record whole on one line; a pretty-printed file should be a "
-                ".json file holding a list of records")
+        hint = "JSON Lines needs each record whole on one line"
+        if pretty_hint:
+            hint += "; pretty-printed records belong in a .json file (one record, or a list of them)"
     return where.error("invalid JSON", f"invalid JSON: {err.msg} (column {err.colno})", hint=hint)
 
 
@@ -140,18 +145,45 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _read_json(path: Path, label: str) -> Rows:
-    """A JSON list of records. A file that starts with '{' is read as JSON Lines, as `datasets` does."""
+    """A JSON list of records, one record (an object, pretty-printed or not), or JSON Lines."""
     text = _read_whole_text(path, label)
     pos = _JSON_SPACE.match(text, 0).end()
     if pos == len(text):
         return
     if text[pos] == "{":
-        yield from _read_jsonl(path, label)
+        yield from _json_object_or_lines(path, text, pos, label)
         return
     if text[pos] != "[":
-        raise DataError("expected a JSON list of records ('[{...}, {...}]') or one record per line",
-                        file=label, line=text.count("\n", 0, pos) + 1)
+        raise DataError("expected a JSON list of records ('[{...}, {...}]'), one record ('{...}') or "
+                        "one record per line", file=label, line=text.count("\n", 0, pos) + 1)
     yield from _json_list_items(text, pos, label)
+
+
+def _json_object_or_lines(path: Path, text: str, pos: int, label: str) -> Rows:
+    """A file that starts with '{': one record when the whole file is one object, else JSON Lines."""
+    line = 1 + text.count("\n", 0, pos)
+    try:
+        value, end = json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError as err:
+        first_line = text[pos:text.find("\n", pos) if "\n" in text[pos:] else len(text)]
+        if _is_json(first_line):  # the first line is a whole record: JSON Lines with a bad line later
+            yield from _read_jsonl(path, label, pretty_hint=False)
+            return
+        raise _json_file_error(label, err, text, "the record", closer="}") from None
+    except RecursionError:
+        raise DataError("invalid JSON: the record is nested too deeply", file=label, line=line) from None
+    if _JSON_SPACE.match(text, end).end() == len(text):
+        yield Where(label, line=line), value
+        return
+    yield from _read_jsonl(path, label, pretty_hint=False)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
 
 
 def _read_whole_text(path: Path, label: str) -> str:
@@ -199,9 +231,11 @@ def _json_list_items(text: str, pos: int, label: str) -> Rows:
         pos = _JSON_SPACE.match(text, pos + 1).end()
 
 
-def _json_file_error(label: str, err: json.JSONDecodeError, text: str, what: str) -> DataError:
-    truncated = not text.rstrip().endswith("]")
-    hint = "the file ends in the middle of the list: it may be truncated" if truncated else None
+def _json_file_error(label: str, err: json.JSONDecodeError, text: str, what: str, *,
+                     closer: str = "]") -> DataError:
+    truncated = not text.rstrip().endswith(closer)
+    container = "the list" if closer == "]" else "the record"
+    hint = f"the file ends in the middle of {container}: it may be truncated" if truncated else None
     return DataError(f"invalid JSON in {what}: {err.msg} (column {err.colno})", file=label,
                      line=err.lineno, hint=hint)
 

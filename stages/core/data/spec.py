@@ -34,6 +34,7 @@ KIND_FORMATS = {
 SIGNATURES = (
     ("preference", ("chosen", "rejected")),
     ("kto", ("completion", "label")),
+    ("kto", ("messages", "kto_tag")),  # LLaMA-Factory's KTO layout
     ("messages", ("messages",)),
     ("sharegpt", ("conversations",)),
     ("prompt_completion", ("prompt", "completion")),
@@ -44,7 +45,7 @@ SIGNATURES = (
 # Our field names, the keys `DatasetSpec.columns` may map to a file's column names.
 FIELDS = ("messages", "conversations", "system", "tools", "instruction", "input", "output", "prompt",
           "completion", "text", "chosen", "rejected", "margin", "score_chosen", "score_rejected",
-          "label")
+          "label", "kto_tag")
 
 ROLES = ("system", "user", "assistant", "tool")
 

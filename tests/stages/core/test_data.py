@@ -547,7 +547,7 @@ def test_parquet_rows_report_their_index(tmp_path):
     rows = [{"messages": QA}, {"messages": chat(("user", "a"), ("assistant", " "))}]
     pq.write_table(pa.Table.from_pylist(rows), path)
 
-    wanted = r"chat\.parquet field 'messages\[1\]\.content': row 1: the assistant message is empty"
+    wanted = r"chat\.parquet field 'messages\[1\]\.content': row 1: turn 1: the assistant message is empty"
     with pytest.raises(DataError, match=wanted):
         load_records(DatasetSpec(str(path)))
     result = load_records(DatasetSpec(str(path)), skip_invalid=True)
