@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.core.compat import packed_dpo_trainer
+from stages.core.preference.dpo_step import report_batching
 from stages.core.config import field
 from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
 from stages.core.errors import ConfigError, DataError, did_you_mean
@@ -68,9 +70,11 @@ class PreferenceData:
     max_length: int | None = field(
         1024, help="Prompt + reply tokens kept: the reply's end is cut, pairs whose prompt alone fills it are "
                    "dropped (both counted). TRL 1.16 has no separate prompt/completion limits for DPO.")
-    padding_free: bool = field(
-        False, help="Flatten batches without padding. TRL 1.16's DPOTrainer has it switched off (it warns and "
-                    "pads anyway) and ORPO/KTO never had it, so true is refused.")
+    padding_free: bool | None = field(
+        None, help="dpo: lorelay's packed rows (no padding, each prompt once, LM head on replies only; "
+                   "stages/core/preference). null: on wherever the loss and attention kernel allow it, else "
+                   "TRL's padded batches with the reason printed; true: refuse to pad. orpo/kto: TRL's padded "
+                   "batches (the packed rows are wired for dpo only), so true is refused.")
     skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
 
     def __post_init__(self):
@@ -115,9 +119,10 @@ class DPOConfig:
                    "TRL 1.16 spells it as an extra `sft` loss; this key appends it with this weight.")
     label_smoothing: float = field(
         0.0, help="dpo robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon (> 0, e.g. 1e-3).")
-    precompute_ref_log_probs: bool = field(
-        False, help="dpo/kto: compute the reference log-probs of all data once, before training (saves the "
-                    "reference forward in every step).")
+    precompute_ref_log_probs: bool | None = field(
+        None, help="dpo/kto: compute the frozen reference's log-probs of all data in one pass before training "
+                   "(cached with TRL's dataset cache) instead of in every step. null: on when training passes over "
+                   "the data more than once (training.epochs > 1), where it saves a reference forward per pass.")
     desirable_weight: float = field(
         1.0, help="kto: weight of the desirable examples' loss (raise it when they are fewer).")
     undesirable_weight: float = field(1.0, help="kto: weight of the undesirable examples' loss.")
@@ -148,8 +153,8 @@ class DPOConfig:
         if self.win_rate_tie_margin < 0:
             raise ConfigError("must be zero or positive", field="win_rate_tie_margin")
         if self.data.padding_free and self.method != "dpo":
-            raise ConfigError(f"{self.method.upper()} has no padding-free batches in TRL (set data.padding_free: "
-                              "false)", field="data.padding_free")
+            raise ConfigError(f"{self.method.upper()} runs TRL's padded batches: lorelay's packed rows are wired for "
+                              "dpo only (set data.padding_free: false or null)", field="data.padding_free")
         self._check_formats()
         {"dpo": self._check_dpo, "orpo": self._check_orpo, "kto": self._check_kto}[self.method]()
 
@@ -200,8 +205,7 @@ class DPOConfig:
 
     def _check_orpo(self) -> None:
         for name, default in (("loss_type", None), ("loss_weights", None), ("rpo_alpha", None),
-                              ("label_smoothing", 0.0),
-                              ("precompute_ref_log_probs", False)):
+                              ("label_smoothing", 0.0), ("precompute_ref_log_probs", None)):
             if getattr(self, name) != default:
                 raise ConfigError("ORPO has no reference model and one fixed loss: this key does not apply "
                                   "(remove it, or use method: dpo)", field=name)
@@ -252,15 +256,21 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "dpo": MethodSpec("trl:DPOTrainer", "trl:DPOConfig", reference=True, stage_args=lambda c: dict(
         beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
-        precompute_ref_log_probs=c.precompute_ref_log_probs, max_length=c.data.max_length,
-        padding_free=c.data.padding_free)),
+        precompute_ref_log_probs=precompute_reference(c), max_length=c.data.max_length)),
     "orpo": MethodSpec("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig", reference=False,
                        stage_args=lambda c: dict(beta=c.beta, max_length=c.data.max_length)),
     "kto": MethodSpec("trl:KTOTrainer", "trl:KTOConfig", reference=True, stage_args=lambda c: dict(
         beta=c.beta, loss_type=c.loss_type, desirable_weight=c.desirable_weight,
-        undesirable_weight=c.undesirable_weight, precompute_ref_log_probs=c.precompute_ref_log_probs,
+        undesirable_weight=c.undesirable_weight, precompute_ref_log_probs=precompute_reference(c),
         max_length=c.data.max_length)),
 }
+
+
+def precompute_reference(config: DPOConfig) -> bool:
+    """Reference log-probs in one pass before training: as configured, else when the data is seen twice or more."""
+    if config.precompute_ref_log_probs is not None:
+        return config.precompute_ref_log_probs
+    return config.training.max_steps <= 0 and config.training.epochs > 1
 
 
 def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
@@ -290,15 +300,15 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
         # ---- train --------------------------------------------------------------------------------
         trainer_class, args_class = method.classes()
+        if config.method == "dpo" and data.padding_free is not False:
+            trainer_class = packed_dpo_trainer()
         args = trainer_args(args_class, training, base, output.work_dir, has_eval=eval_dataset is not None,
                             **method.stage_args(config))
         trainer = quiet_trainer(trainer_class(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=base.tokenizer,
             callbacks=callbacks(training, has_eval=eval_dataset is not None, title=config.method)))
-        if data.padding_free and not getattr(trainer, "padding_free", False):
-            raise ConfigError("this TRL version has DPO padding_free switched off (its DPOTrainer warns and pads "
-                              "anyway)", field="data.padding_free", hint="set data.padding_free: false")
+        batching = report_batching(config.method, data.padding_free, trainer)
         reference = settle_reference(model, method, adapter)
         # KTO splits each pair it is given into a desirable and an undesirable example.
         per_record = 2 if config.method == "kto" and "chosen" in train_dataset.column_names else 1
@@ -312,7 +322,7 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
         # ---- evaluate: TRL's preference metrics on held-out pairs, then ALL generation -----------------
         started = time.time()
-        metrics: dict[str, Any] = {"method": config.method, "reference": reference,
+        metrics: dict[str, Any] = {"method": config.method, "reference": reference, "batching": batching,
                                    "train_loss": result.training_loss,
                                    "train_runtime_s": result.metrics.get("train_runtime"),
                                    "steps": trainer.state.global_step}

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 
 def attention_implementation(model) -> str:
     """The attention kernel a loaded model runs (transformers keeps it in ``config._attn_implementation``)."""
@@ -22,3 +24,41 @@ def count_train_tokens(trainer, tokens: int) -> None:
     trainer._total_train_tokens += tokens
     trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
 
+
+@functools.cache
+def packed_dpo_trainer():
+    """TRL's ``DPOTrainer`` on lorelay's packed preference rows (``stages.core.preference``).
+
+    Overrides ``__init__`` (packed collator), ``compute_loss`` and ``compute_ref_log_probs`` (TRL's
+    ``precompute_ref_log_probs`` pass runs through the packed collator too). Where the packed path does not
+    apply (``dpo_step.choose_batching``), every method is TRL's; ``trainer.batching`` says which ran and why.
+    """
+    from trl import DPOTrainer
+
+    from stages.core.preference import dpo_step
+
+    class PackedDPOTrainer(DPOTrainer):
+        def __init__(self, model, *positional, args=None, data_collator=None, **keywords):
+            self.batching = dpo_step.choose_batching(model, args, attention_implementation(model))
+            if self.batching.packed and data_collator is None:
+                data_collator = dpo_step.collator(self.batching, args)
+            super().__init__(model, *positional, args=args, data_collator=data_collator, **keywords)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.batching.packed or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            loss, metrics, row_tokens = dpo_step.loss_and_metrics(self, model, inputs)
+            log_trainer_metrics(self, mode, metrics)
+            if mode == "train":
+                count_train_tokens(self, row_tokens // self._tp_size)
+            return loss
+
+        def compute_ref_log_probs(self, model, inputs):
+            # TRL's precompute pass: ``model`` is the reference model, or the policy whose adapter is switched off
+            if not self.batching.packed:
+                return super().compute_ref_log_probs(model, inputs)
+            return dpo_step.reference_logps(self.model, self.ref_model, inputs)
+
+    return PackedDPOTrainer

@@ -281,7 +281,7 @@ def test_malformed_pairs_are_rejected_with_file_and_line(tmp_path, base):
     (["loss_type=exo_pair"], "label_smoothing > 0"),
     (["method=orpo", "precompute_ref_log_probs=true"], "ORPO has no reference"),
     (["method=kto", "loss_type=sigmoid"], "did you mean 'kto'|KTO's loss"),
-    (["method=kto", "data.padding_free=true"], "no padding-free"),
+    (["method=kto", "data.padding_free=true"], "runs TRL's padded batches"),
     (["method=kto", "training.batch_size=1"], "batch_size must be at least 2"),
     (["data.datasets=[{path: x.jsonl, format: kto}]"], "use method: kto"),
     (["method=kto", "data.datasets=[{path: x.jsonl, format: preference}]", "data.eval_datasets=[{path: y.jsonl}]"],
@@ -292,10 +292,21 @@ def test_settings_that_do_not_combine_are_refused(tmp_path, overrides, message):
         dpo_config(tmp_path, "x.jsonl", *overrides)
 
 
-def test_padding_free_is_refused_while_trl_has_it_switched_off(tmp_path, base):
+def test_dpo_trains_on_packed_rows_and_says_so(tmp_path, base, incoming):
+    """The default: lorelay's packed rows (each prompt once), here with the reference log-probs precomputed
+    through them; ``padding_free: false`` runs TRL's padded batches. Both give the same first loss."""
     data_file = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    with pytest.raises(ConfigError, match="padding_free switched off"):
-        dpo.run(dpo_config(tmp_path, data_file, "data.padding_free=true"), base)
+    runs = {}
+    for name, overrides in (("packed", ["training.max_steps=1", "precompute_ref_log_probs=true"]),
+                            ("padded", ["training.max_steps=1", "data.padding_free=false"])):
+        out = dpo.run(dpo_config(tmp_path / name, data_file, *overrides, "training.learning_rate=1e-9"), base,
+                      adapter=incoming)
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    assert runs["packed"]["batching"] == "packed, prompt shared"
+    assert runs["padded"]["batching"].startswith("padded (TRL)")
+    first = {name: next(e for e in m["log_history"] if "loss" in e) for name, m in runs.items()}
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert first["packed"][key] == pytest.approx(first["padded"][key], abs=1e-4), key
     assert not any("lora_" in name for name, _ in base.model.named_parameters())
 
 
