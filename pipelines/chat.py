@@ -1,7 +1,8 @@
 """``lorelay chat STAGE_OR_RUN_DIR``: talk to a trained policy with its saved chat template.
 
 A run directory resolves to its final policy (``run.json``'s ``policy``). The base comes from the
-stage's manifest; the tokenizer (and so the chat template) from the stage directory itself.
+stage's manifest; the tokenizer (and so the chat template) from the stage directory itself. A full
+model directory (``lorelay merge`` output, or any safetensors checkpoint) is loaded as it is.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ def resolve_policy_dir(target: str | Path) -> Path:
         if not run.get("policy"):
             raise LorelayError("this run has no finished policy stage yet", file=target / "run.json")
         return target / run["policy"]
-    if (target / "adapter_config.json").exists():
+    if (target / "adapter_config.json").exists() or is_full_model(target):
         return target
-    raise LorelayError("expected a stage directory (adapter_config.json) or a run directory (run.json)", file=target)
+    if not target.exists():
+        raise LorelayError("no such directory", file=target)
+    raise LorelayError("expected a stage directory (adapter_config.json), a run directory (run.json) or a "
+                       "model directory (config.json and *.safetensors)", file=target)
+
+
+def is_full_model(directory: Path) -> bool:
+    """A whole checkpoint (merged weights), not an adapter."""
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors")) \
+        and not (directory / "adapter_config.json").exists()
 
 
 def load_policy(stage_dir: Path):
@@ -34,6 +44,10 @@ def load_policy(stage_dir: Path):
     from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
     from stages.core.training import verify_output
 
+    if is_full_model(stage_dir):
+        base = load_base(ModelConfig(name=str(stage_dir)))
+        base.model.eval()
+        return base.model, base.tokenizer
     manifest = verify_output(stage_dir)
     model_config = from_dict(ModelConfig, manifest["config"]["model"])
     base = load_base(model_config)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stages.core.config import load_config
 from stages.core.errors import LorelayError
+from stages.core.storage import check_output_dir, disk_faults
 
 # stage name -> (module, config class). The pipeline runner uses the same table.
 STAGES = {
@@ -52,8 +53,13 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
     if resume:
         overrides.append("training.resume=true")
     config = load_config(config_class, config_path, overrides)
+    training = getattr(config, "training", None)
+    output_field = "training.output_dir" if training is not None else "output_dir"
+    output_dir = Path(training.output_dir if training is not None else config.output_dir)
+    check_output_dir(output_dir, field=output_field)  # before the model loads, not after training
     base = load_base(config.model)
-    output_dir = module.run(config, base, adapter=adapter)
+    with disk_faults(output_dir, field=output_field):
+        output_dir = module.run(config, base, adapter=adapter)
     print_stage_summary(name, output_dir)
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from stages.core.config import field
 from stages.core.default_model import DEFAULT_MODEL, resolve_model_path
-from stages.core.errors import ConfigError, LorelayError
+from stages.core.errors import ConfigError, LorelayError, closest
 
 Quantization = Literal["auto", "4bit", "8bit", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -138,7 +138,10 @@ def load_tokenizer(path: str, config: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
                                                   trust_remote_code=config.trust_remote_code)
     except OSError as err:
-        raise LorelayError(f"cannot load a tokenizer from '{path}': {err}", field="model.name") from None
+        local = Path(path).is_dir()
+        raise LorelayError(f"cannot load a tokenizer from {'this directory' if local else 'the Hub'}: "
+                           f"{_first_line(err)}", file=path, field="model.name",
+                           hint=None if local else "there is no local directory of that name either") from None
     if tokenizer.pad_token is None:
         # Padding is only used for generation batches; EOS as pad is the common safe choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -153,10 +156,9 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
 
     device = device or local_device()
     quantization, dtype, attention, checkpointing = resolve_settings(config, device)
-    path = resolve_model_path(config.name)
+    path, use_safetensors = check_model_files(config)
     if config.trust_remote_code:
         warnings.warn(f"trust_remote_code is on: code from '{path}' will run on this machine.", stacklevel=2)
-    use_safetensors = _check_weight_format(path, config)
     tokenizer, template_source = load_tokenizer(path, config)
 
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, revision=config.revision,
@@ -165,10 +167,15 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
         kwargs["quantization_config"] = bnb_config(quantization, dtype)
         # QLoRA under DDP: every rank loads its own copy onto its own device, never device_map="auto".
         kwargs["device_map"] = {"": device}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise LorelayError(f"unreadable weights ({_first_line(err)})", file=path, field="model.name",
+                           hint="the checkpoint is damaged or incomplete: copy, download or convert it again") from None
     except OSError as err:
-        raise LorelayError(f"cannot load model '{path}': {err}", field="model.name") from None
+        raise LorelayError(f"cannot load the model: {_first_line(err)}", file=path, field="model.name") from None
     if quantization == "none":
         model.to(device)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -194,22 +201,65 @@ def bnb_config(quantization: str, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
-def _check_weight_format(path: str, config: ModelConfig) -> bool:
-    """True to load safetensors only; refuse a local pickle checkpoint unless allowed."""
-    local = Path(path)
+def check_model_files(config: ModelConfig) -> tuple[str, bool]:
+    """(local directory or Hub id, load safetensors only) for ``config.name``, checked without loading it.
+
+    A local path must be a directory with safetensors weights whose headers read whole (a truncated or
+    damaged file is found here, before anything loads); a pickle-only checkpoint is refused unless
+    allowed. A name that is no local path and cannot be a Hub id is a missing directory, said so.
+    """
+    path = resolve_model_path(config.name)
+    local = Path(path).expanduser()
     if not local.exists():
-        return not config.allow_pickle_weights
+        if _is_hub_id(path):
+            return path, not config.allow_pickle_weights
+        guess = closest(local.name, [p.name for p in local.parent.iterdir()]) if local.parent.is_dir() else None
+        raise LorelayError("no such model directory", file=path, field="model.name",
+                           hint=f"did you mean '{local.parent / guess}'?" if guess else
+                           "give a directory with config.json and *.safetensors, or a Hub id such as "
+                           "HuggingFaceTB/SmolLM2-135M-Instruct")
     if not local.is_dir():
         raise LorelayError("expected a model directory", file=local, field="model.name")
-    has_safetensors = any(local.glob("*.safetensors"))
+    weights = sorted(local.glob("*.safetensors"))
     has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth"))
-    if not has_safetensors and has_pickle and not config.allow_pickle_weights:
+    if not weights and has_pickle and not config.allow_pickle_weights:
         raise LorelayError("this checkpoint has only pickle weights (.bin/.pt), which can run code when loaded",
                            file=local, field="model.name",
                            hint="convert it to safetensors, or set model.allow_pickle_weights: true if you trust it")
-    if not has_safetensors and not has_pickle:
+    if not weights and not has_pickle:
         raise LorelayError("no weight files (*.safetensors) in this directory", file=local, field="model.name")
-    return not (config.allow_pickle_weights and not has_safetensors)
+    for file in weights:
+        check_safetensors_file(file, field="model.name")
+    return str(local), not (config.allow_pickle_weights and not weights)
+
+
+def check_safetensors_file(file: Path, *, field: str | None = None) -> None:
+    """Read a safetensors header: a truncated or damaged file fails here, in milliseconds."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise LorelayError(f"unreadable weights ({_first_line(err)})", file=file, field=field,
+                           hint="the file is damaged or incomplete: copy, download or convert it again") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def fingerprint(path: str, revision: str | None = None) -> str:

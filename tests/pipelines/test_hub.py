@@ -396,7 +396,7 @@ def test_dry_run_lists_files_and_card_without_any_connection(stage_dir, monkeypa
 # ----------------------------------------------------------------------------------------------
 
 def test_merge_command_writes_a_checkpoint_equal_to_base_plus_adapter(stage_dir, adapter_logits, base, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(hub_module, "MAX_SHARD_SIZE", "4MB")  # shards even for the tiny model
@@ -417,6 +417,13 @@ def test_merge_command_writes_a_checkpoint_equal_to_base_plus_adapter(stage_dir,
 
     with pytest.raises(LorelayError, match="already exists"):
         merge_stage(stage_dir, out)
+
+    # `lorelay chat` talks to the merged directory as it does to the stage it came from
+    capsys.readouterr()
+    assert cli(["chat", str(stage_dir), "--prompt", "Route ticket 3", "--max-new-tokens", "4"]) == 0
+    from_stage = capsys.readouterr().out
+    assert cli(["chat", str(out), "--prompt", "Route ticket 3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == from_stage and from_stage.strip()
 
 
 def test_merged_push_uploads_full_weights_and_resumes_after_a_failure(hub, stage_dir, adapter_logits, tmp_path,
