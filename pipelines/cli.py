@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-STAGES = ("cpt", "sft", "rm", "dpo")
-
 
 class _AnyOrderParser(argparse.ArgumentParser):
     """A subcommand parser that takes options and ``key=value`` overrides in any order
@@ -33,24 +31,26 @@ class _AnyOrderParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def _stage_parser(sub, name: str, help_text: str) -> None:
-    parser = sub.add_parser(name, help=help_text,
-                            description=f"{help_text} Overrides are dotted keys, e.g. training.learning_rate=1e-4; "
-                                        "adapter=PATH starts from a saved adapter.")
-    parser.add_argument("--config", required=False, help=f"YAML recipe (e.g. configs/{name}.yaml)")
+def _stage_parser(sub, stage) -> None:
+    """``lorelay NAME``: one registered stage (``stages.registry``) on its own."""
+    parser = sub.add_parser(stage.name, help=stage.description,
+                            description=f"{stage.description} Overrides are dotted keys, e.g. "
+                                        "training.learning_rate=1e-4; adapter=PATH starts from a saved adapter.")
+    parser.add_argument("--config", required=False, help=f"YAML recipe (e.g. configs/{stage.name}.yaml)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorelay", description="Fine-tune LLMs: CPT -> SFT -> RM -> DPO over one shared QLoRA base.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_AnyOrderParser)
+    from stages import registry
 
-    _stage_parser(sub, "cpt", "Continued pretraining on raw text.")
-    _stage_parser(sub, "sft", "Supervised fine-tuning with chat templates.")
-    _stage_parser(sub, "rm", "Train a reward model (LoRA + score head).")
-    _stage_parser(sub, "dpo", "Preference optimisation: DPO, ORPO or KTO.")
+    stages = registry.stages()
+    parser = argparse.ArgumentParser(prog="lorelay", description="Fine-tune LLMs: a pipeline of stages ("
+                                     + ", ".join(s.name for s in stages) + ") over one shared QLoRA base.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_AnyOrderParser)
+    for stage in stages:
+        _stage_parser(sub, stage)
 
     run = sub.add_parser("run", help="Run a pipeline of stages from a YAML file.")
     run.add_argument("pipeline", help="configs/pipelines/NAME.yaml")
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    if args.command in STAGES:
+    from stages import registry
+
+    if args.command in registry.names():
         from pipelines.single import run_stage_command
 
         return run_stage_command(args.command, args.config, args.overrides, resume=args.resume,

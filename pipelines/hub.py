@@ -151,7 +151,7 @@ def push_stage(stage_dir: str | Path, *, repo: str, private: bool = False, revis
     stage_dir = Path(stage_dir)
     check_repo_id(repo)
     manifest = verify_output(stage_dir)
-    if merged and manifest.get("stage") == "rm":
+    if merged and model_card.is_reward_model(manifest):
         raise LorelayError("a reward model is an adapter plus a score head, not a causal LM: it cannot be merged",
                            file=stage_dir, hint="push it without --merged")
     card = model_card.render_card(manifest, repo=repo, stage_name=_stage_name(stage_dir, run_info),
@@ -418,7 +418,7 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
 
     stage_dir, out = Path(stage_dir), Path(out)
     manifest = verify_output(stage_dir)
-    if manifest.get("stage") == "rm":
+    if model_card.is_reward_model(manifest):
         raise LorelayError("a reward model is an adapter plus a score head, not a causal LM: it cannot be merged",
                            file=stage_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

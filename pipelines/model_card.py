@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from stages import __version__
+from stages import __version__, registry
 from stages.core.default_model import DEFAULT_MODEL
 
 # The embedded model is SmolLM2-135M-Instruct (dequantised from a Q4_1 GGUF): cards point at the
@@ -29,14 +29,10 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_LICENSE = "apache-2.0"
 EMBEDDED_NAMES = (DEFAULT_MODEL, "embedded")
 
-# stage type -> tags it adds (the stage type itself is always a tag too)
-STAGE_TAGS = {"cpt": ["continued-pretraining"], "sft": ["sft"], "rm": ["reward-model"], "dpo": ["dpo"]}
-
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
-# Metrics shown first in the lineage table; any other scalar metric follows, up to MAX_METRIC_COLUMNS.
-PREFERRED_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "eval_accuracy", "rewards/accuracies",
-                     "rewards/margins", "steps")
+# The lineage table shows train_loss, each stage type's headline metrics (its STAGE.headline), steps,
+# then any other scalar metric, up to MAX_METRIC_COLUMNS.
 MAX_METRIC_COLUMNS = 8
 _NOT_METRICS = ("runtime", "parameters", "seconds")
 
@@ -44,6 +40,12 @@ _NOT_METRICS = ("runtime", "parameters", "seconds")
 # ----------------------------------------------------------------------------------------------
 # facts about the base model and the data
 # ----------------------------------------------------------------------------------------------
+
+def is_reward_model(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest's stage type produces a reward model (a score head, not a causal LM)."""
+    stage = registry.find(manifest.get("stage"))
+    return bool(stage and stage.produces_reward_model)
+
 
 def is_embedded(name: str) -> bool:
     return name in EMBEDDED_NAMES
@@ -178,7 +180,8 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
         for key, value in row["metrics"].items():
             if _scalar(value) and key not in present and not any(word in key for word in _NOT_METRICS):
                 present.append(key)
-    preferred = [key for key in PREFERRED_METRICS if key in present]
+    headline = [m.key for row in rows for m in getattr(registry.find(row.get("type")), "headline", ())]
+    preferred = [key for key in dict.fromkeys(["train_loss", *headline, "steps"]) if key in present]
     return (preferred + sorted(k for k in present if k not in preferred))[:MAX_METRIC_COLUMNS]
 
 
@@ -222,7 +225,7 @@ def config_yaml(manifest: dict[str, Any]) -> str:
     stage = manifest.get("stage", "sft")
     header = (f"# lorelay {stage} config that produced this model (resolved: every default written out).\n"
               f"# Reproduce: lorelay {stage} --config lorelay_config.yaml")
-    if stage in ("dpo", "rm") or manifest.get("init_from"):
+    if manifest.get("init_from") or (manifest.get("metrics") or {}).get("init_from"):  # it continued an adapter
         header += " adapter=PATH_TO_INCOMING_ADAPTER"
     header += "\n# Data paths are the trainer's own; point data.* at your copies.\n"
     return header + yaml.safe_dump(reproducible_config(manifest), sort_keys=False, allow_unicode=True)
@@ -237,7 +240,7 @@ def card_metadata(manifest: dict[str, Any], *, rows: list[dict[str, Any]], merge
     stage_types = [row["type"] for row in rows if row.get("type")]
     tags = ["lorelay", "trl", "lora"]
     for stage_type in stage_types:
-        for tag in [stage_type, *STAGE_TAGS.get(stage_type, [])]:
+        for tag in [stage_type, *getattr(registry.find(stage_type), "card_tags", ())]:
             if tag not in tags:
                 tags.append(tag)
     method = (manifest.get("config") or {}).get("method")
@@ -257,7 +260,7 @@ def card_metadata(manifest: dict[str, Any], *, rows: list[dict[str, Any]], merge
     datasets = hub_datasets(manifests or [manifest])
     if datasets:
         meta["datasets"] = datasets
-    meta["pipeline_tag"] = "text-classification" if manifest.get("stage") == "rm" else "text-generation"
+    meta["pipeline_tag"] = "text-classification" if is_reward_model(manifest) else "text-generation"
     meta["tags"] = tags
     return meta
 
@@ -378,7 +381,7 @@ def render_card(manifest: dict[str, Any], *, repo: str, stage_name: str, run_inf
                  f"`manifest.json` its training record: versions, data hashes, base fingerprint "
                  f"`{base.get('fingerprint', '?')}`, and {checksums}.\n")
     parts.append("```yaml\n" + config_yaml(manifest).rstrip() + "\n```\n")
-    parts.append(_usage(repo, merged=merged, reward=manifest.get("stage") == "rm"))
+    parts.append(_usage(repo, merged=merged, reward=is_reward_model(manifest)))
 
     versions = manifest.get("versions") or {}
     shown = ", ".join(f"{k} {versions[k]}" for k in ("lorelay", "torch", "transformers", "trl", "peft")

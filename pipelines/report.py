@@ -5,23 +5,27 @@ Also the rich summary table printed at the end of ``lorelay run`` and by ``lorel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+from stages import registry
+from stages.core.stage import Metric
 from stages.core.training import is_main_process
 
-# (column title, metric names to look for in order, format)
-COLUMNS = [
-    ("task acc", ("task_accuracy",), "{:.1%}"),
-    ("ppl", ("heldout_perplexity",), "{:.2f}"),
-    ("eval loss", ("eval_loss",), "{:.3f}"),
-    ("RM acc", ("eval_accuracy", "accuracy"), "{:.1%}"),
-    ("DPO acc", ("eval_reward_accuracy", "eval_rewards/accuracies"), "{:.1%}"),
-    ("wins", ("win_rate_vs_parent",), "{:.1%}"),
-    ("lost", ("loss_rate_vs_parent",), "{:.1%}"),
-    ("pairs", ("pairs",), "{:d}"),
-]
+# What pipelines/evaluate.py measures on every policy; each stage's own columns come from its STAGE.headline.
+EVALUATION_COLUMNS = (Metric("task_accuracy", "task acc", "{:.1%}"), Metric("heldout_perplexity", "ppl", "{:.2f}"))
+WIN_COLUMNS = (Metric("win_rate_vs_parent", "wins", "{:.1%}"), Metric("loss_rate_vs_parent", "lost", "{:.1%}"))
+
+
+def columns(run: dict[str, Any]) -> list[Metric]:
+    """The evaluation columns, then the headline metrics of the run's stage types (registry), then win rates."""
+    found = [*EVALUATION_COLUMNS]
+    for stage_type in dict.fromkeys(s.get("type") for s in run.get("stages", [])):
+        stage = registry.find(stage_type)
+        found += [m for m in (stage.headline if stage else ()) if m.key not in {c.key for c in found}]
+    return found + [*WIN_COLUMNS]
 
 
 def rows(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -38,14 +42,6 @@ def rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
-def cell(metrics: dict[str, Any], names: tuple[str, ...], fmt: str) -> str:
-    for name in names:
-        value = metrics.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return fmt.format(int(value) if fmt == "{:d}" else value)
-    return ""
-
-
 def duration(row: dict[str, Any]) -> str:
     return f"{row['seconds']:.0f}s" if row["seconds"] is not None else ""
 
@@ -55,35 +51,42 @@ def summary_table(run: dict[str, Any]):
     from rich import box
     from rich.table import Table
 
-    table_rows = rows(run)
+    table_rows, metrics = rows(run), columns(run)
     short = {"{:.1%}": "{:.0%}", "{:.3f}": "{:.2f}", "{:.2f}": "{:.1f}"}  # a terminal is narrower than a page
-    cells = [[cell(row["metrics"], names, short.get(fmt, fmt)) for _, names, fmt in COLUMNS] for row in table_rows]
-    shown = [i for i in range(len(COLUMNS)) if any(values[i] for values in cells)]
+    metrics = [dataclasses.replace(m, format=short.get(m.format, m.format)) for m in metrics]
+    cells = [[m.render(row["metrics"].get(m.key)) for m in metrics] for row in table_rows]
+    shown = [i for i in range(len(metrics)) if any(values[i] for values in cells)]
     show_type = any(row["name"] != row["type"] for row in table_rows)
     table = Table(title=f"run {run.get('name')}: {len(run.get('stages', []))} stages, policy = {run.get('policy')}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    columns = [("stage", [r["name"] for r in table_rows])]
-    columns += [("type", [r["type"] for r in table_rows])] if show_type else []
-    columns += [("status", [r["status"] for r in table_rows]),
-                ("time", [duration(r) for r in table_rows])]
-    columns += [(COLUMNS[i][0].replace(" ", "\n"), [values[i] for values in cells]) for i in shown]
-    for title, values in columns:
+    table_columns = [("stage", [r["name"] for r in table_rows])]
+    table_columns += [("type", [r["type"] for r in table_rows])] if show_type else []
+    table_columns += [("status", [r["status"] for r in table_rows]),
+                      ("time", [duration(r) for r in table_rows])]
+    table_columns += [(metrics[i].title.replace(" ", "\n"), [values[i] for values in cells]) for i in shown]
+    for title, values in table_columns:
         # values never wrap (a header may): each column is at least as wide as its widest value
         table.add_column(title, justify="left" if title in ("stage", "type", "status") else "right",
                          min_width=max(len(v) for v in values))
     for index in range(len(table_rows)):
-        table.add_row(*[values[index] for _, values in columns])
+        table.add_row(*[values[index] for _, values in table_columns])
     return table
 
 
 def markdown_table(run: dict[str, Any]) -> str:
-    header = ["stage", "type", "parent", "status", "time", *[c[0] for c in COLUMNS]]
+    metrics = columns(run)
+    header = ["stage", "type", "parent", "status", "time", *[m.title for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows(run):
         values = [row["name"], row["type"], row["parent"], row["status"], duration(row),
-                  *[cell(row["metrics"], names, fmt) for _, names, fmt in COLUMNS]]
+                  *[m.render(row["metrics"].get(m.key)) for m in metrics]]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _is_policy(stage_type: str) -> bool:
+    stage = registry.find(stage_type)
+    return bool(stage and stage.produces_policy)
 
 
 def loss_curves(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
@@ -122,7 +125,7 @@ def metrics_by_stage(run: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policy_rows = [r for r in rows(run) if r["type"] in ("base", "cpt", "sft", "dpo")]
+    policy_rows = [r for r in rows(run) if r["type"] == "base" or _is_policy(r["type"])]
     series = {"task accuracy": [r["metrics"].get("task_accuracy") for r in policy_rows],
               "win rate vs parent": [r["metrics"].get("win_rate_vs_parent") for r in policy_rows]}
     series = {k: v for k, v in series.items() if any(x is not None for x in v)}

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
+from stages import registry
 from stages.core.config import load_config
 from stages.core.errors import LorelayError
+from stages.core.stage import Stage
 from stages.core.storage import check_output_dir, disk_faults
-
-# stage name -> (module, config class). The pipeline runner uses the same table.
-STAGES = {
-    "cpt": ("stages.cpt", "CPTConfig"),
-    "sft": ("stages.sft", "SFTConfig"),
-    "rm": ("stages.reward", "RewardConfig"),
-    "dpo": ("stages.dpo", "DPOConfig"),
-}
-
-
-def stage_entry(name: str):
-    """(module, config class) of a stage."""
-    module_name, class_name = STAGES[name]
-    module = importlib.import_module(module_name)
-    return module, getattr(module, class_name)
 
 
 def split_adapter(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -43,37 +29,39 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
                       help_config: bool = False) -> int:
     from stages.core.modeling import load_base
 
-    module, config_class = stage_entry(name)
+    stage = registry.get(name)
     if help_config:
         from pipelines.config_help import print_config_help
 
-        print_config_help(config_class)
+        print_config_help(stage.config_class)
         return 0
     adapter, overrides = split_adapter(list(overrides))
     if resume:
         overrides.append("training.resume=true")
-    config = load_config(config_class, config_path, overrides)
+    config = load_config(stage.config_class, config_path, overrides)
     training = getattr(config, "training", None)
     output_field = "training.output_dir" if training is not None else "output_dir"
     output_dir = Path(training.output_dir if training is not None else config.output_dir)
     check_output_dir(output_dir, field=output_field)  # before the model loads, not after training
     base = load_base(config.model)
     with disk_faults(output_dir, field=output_field):
-        output_dir = module.run(config, base, adapter=adapter)
-    print_stage_summary(name, output_dir)
+        output_dir = stage.run(config, base, adapter=adapter)
+    print_stage_summary(stage, output_dir)
     return 0
 
 
-def print_stage_summary(name: str, output_dir: Path) -> None:
-    """A final table of the headline metrics of a finished stage."""
+def print_stage_summary(stage: Stage, output_dir: Path) -> None:
+    """A final table of a finished stage's metrics, its headline metrics first."""
     from rich.console import Console
     from rich.table import Table
 
     metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
-    table = Table(title=f"{name} finished: {output_dir}")
+    table = Table(title=f"{stage.name} finished: {output_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
+    headline = [m.key for m in stage.headline if m.key in metrics]
+    for key in [*headline, *(k for k in metrics if k not in headline)]:
+        value = metrics[key]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)

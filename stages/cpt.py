@@ -46,6 +46,7 @@ from stages.core.data import (BlockCollator, CorpusReport, CorpusSource, PackedC
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import mean_token_loss
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
+from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, perplexity,
                              quiet_trainer, seed_everything, trainable_parameters, trainer_args, world_size)
 
@@ -301,3 +302,12 @@ def heldout_loss(model, blocks: list[dict], collate, batch_size: int, device: st
         return None
     batches = (to_device(collate(list(group)), device) for group in blocks_in_batches(blocks, batch_size))
     return mean_token_loss(model, batches)
+
+
+STAGE = Stage(
+    name="cpt", config_class=CPTConfig, run=run,
+    description="Continued pretraining on raw text.",
+    produces_policy=True,
+    headline=(Metric("perplexity_after", "CPT ppl", "{:.2f}"),),
+    card_tags=("continued-pretraining",),
+)

@@ -41,6 +41,7 @@ from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read
 from stages.core.errors import ConfigError, DataError, did_you_mean
 from stages.core.evaluation import generate
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
                              seed_everything, trainable_parameters, trainer_args)
 
@@ -567,3 +568,11 @@ def train_history(log_history: list[dict]) -> list[dict]:
     return [{"step": entry["step"], "loss": entry["loss"],
              **{ours: entry[theirs] for theirs, ours in HEADLINE.items() if theirs in entry}}
             for entry in log_history if "loss" in entry]
+
+
+STAGE = Stage(
+    name="dpo", config_class=DPOConfig, run=run,
+    description="Preference optimisation: DPO, ORPO or KTO.",
+    produces_policy=True,
+    headline=(Metric("eval_loss", "eval loss"), Metric("eval_reward_accuracy", "DPO acc", "{:.1%}")),
+)

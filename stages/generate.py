@@ -28,6 +28,7 @@ from stages.core.evaluation import generate
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.judges import check_outcomes, column_lists, pass_rates
 from stages.core.rewards import Reward, RewardSpec, check_rewards, load_rewards
+from stages.core.stage import Metric, Stage
 from stages.core.training import StageOutput, is_main_process
 
 
@@ -181,3 +182,11 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
         output.commit(config=config, base=base, metrics=metrics,
                       extra={"policy_adapter": str(adapter) if adapter else None})
     return output.output_dir
+
+
+STAGE = Stage(
+    name="generate", config_class=GenerateConfig, run=run,
+    description="Sample replies from the policy, judge them with a reward model, keep best/worst as pairs.",
+    produces_policy=False,
+    headline=(Metric("pairs", "pairs", "{:d}"),),
+)

@@ -40,6 +40,7 @@ from stages.core.data import DatasetSpec, load_mixture
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.modeling import (Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter,
                              sequence_classifier, settings_from_adapter)
+from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
                              trainable_parameters, trainer_args)
 
@@ -461,3 +462,13 @@ def _dropout_off(model, *, enabled: bool):
     finally:
         for module, p in zip(modules, saved):
             module.p = p
+
+
+STAGE = Stage(
+    name="rm", config_class=RewardConfig, run=run,
+    description="Train a reward model (LoRA + score head).",
+    produces_policy=False,
+    produces_reward_model=True,
+    headline=(Metric("eval_loss", "eval loss"), Metric("eval_accuracy", "RM acc", "{:.1%}")),
+    card_tags=("reward-model",),
+)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Literal
 
 from stages.core.config import field
-from stages.core.data import DatasetSpec, load_mixture
+from stages.core.data import DatasetSpec, load_mixture, tokenize_records
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import sample_generations
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.core.data import tokenize_records
+from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
                              perplexity, quiet_trainer, seed_everything, trainable_parameters,
                              trainer_args)
@@ -144,3 +144,11 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     finally:
         detach_adapter(model)
     return output.output_dir
+
+
+STAGE = Stage(
+    name="sft", config_class=SFTConfig, run=run,
+    description="Supervised fine-tuning with chat templates.",
+    produces_policy=True,
+    headline=(Metric("eval_loss", "eval loss"),),
+)

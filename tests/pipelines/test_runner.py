@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -155,24 +156,25 @@ def test_a_run_killed_between_stages_continues(tmp_path, tiny_model_dir, data, m
     path = write_pipeline(tmp_path, tiny_model_dir, data, stages, evaluation={})
     import stages.sft as sft_module
 
-    real_run = sft_module.run
+    real_run = sft_module.STAGE.run
 
     def dies_in_second_stage(config, base, adapter=None):
         if Path(config.training.output_dir).name == "sft2":
             raise KeyboardInterrupt
         return real_run(config, base, adapter=adapter)
 
-    monkeypatch.setattr(sft_module, "run", dies_in_second_stage)
+    monkeypatch.setattr(sft_module, "STAGE", dataclasses.replace(sft_module.STAGE, run=dies_in_second_stage))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(path)
     run_dir = tmp_path / "run"
     assert statuses(run_dir) == {"sft": "done", "sft2": "failed"}
     assert not (run_dir / "sft2" / "manifest.json").exists()
 
-    monkeypatch.setattr(sft_module, "run", Counter(real_run))
+    counted = Counter(real_run)
+    monkeypatch.setattr(sft_module, "STAGE", dataclasses.replace(sft_module.STAGE, run=counted))
     run_pipeline(path)
     assert statuses(run_dir) == {"sft": "cached", "sft2": "done"}
-    assert sft_module.run.calls == 1
+    assert counted.calls == 1
 
 
 def test_a_failing_gate_stops_the_chain(tmp_path, tiny_model_dir, data):
