@@ -186,7 +186,7 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
 
 STAGE = Stage(
     name="generate", config_class=GenerateConfig, run=run,
-    description="Sample replies from the policy, judge them with a reward model, keep best/worst as pairs.",
+    description="On-policy pairs: sample, judge, keep best and worst.",
     produces_policy=False,
     headline=(Metric("pairs", "pairs", "{:d}"),),
 )

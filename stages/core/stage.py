@@ -36,7 +36,8 @@ class Stage:
     name: str                      # the pipeline's `type:` and the CLI subcommand (`lorelay sft`)
     config_class: type             # typed dataclass config (stages.core.config)
     run: Callable[..., Path]       # run(config, base, adapter=None) -> the finished output directory
-    description: str               # one line, shown by `lorelay --help`
+    description: str               # one line, shown by `lorelay --help` (at most 54 characters: one
+                                   # line of an 80-column terminal)
     produces_policy: bool          # its adapter is a causal-LM policy: evaluated by the pipeline, the
                                    # start of the next stage's init_from: auto, publishable merged
     produces_reward_model: bool = False  # its output scores replies (the pipeline's default judge)
@@ -46,8 +47,9 @@ class Stage:
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", self.name):
             raise ValueError(f"stage name {self.name!r}: lower-case letters, digits, - and _ only")
-        if not self.description or "\n" in self.description:
-            raise ValueError(f"stage {self.name!r}: the description is one line")
+        if not self.description or "\n" in self.description or len(self.description) > 54:
+            raise ValueError(f"stage {self.name!r}: the description is one line of at most 54 characters "
+                             "(it shares a line of `lorelay --help` with the subcommand)")
         if not dataclasses.is_dataclass(self.config_class):
             raise TypeError(f"stage {self.name!r}: config_class must be a dataclass")
 
