@@ -40,6 +40,11 @@ class SFTData:
     max_length: int | None = field(2048, help="Samples longer than this are truncated (and counted); None keeps all.")
     truncation_side: Literal["right", "left"] = field("right", help="right keeps the start of a long sample, left its end.")
     assistant_only_loss: bool = field(True, help="Loss on assistant replies only (any chat template).")
+    rewritten_history: Literal["per_turn", "final_turn"] = field(
+        "per_turn", help="For chat templates that render earlier turns differently as a conversation grows (reasoning "
+                         "templates dropping past <think> blocks): per_turn trains one sample per assistant turn, "
+                         "rendered as the template renders it at that turn; final_turn trains only the final turn.")
+    num_proc: int | None = field(None, help="Processes that tokenize the data (datasets' map); None: one.")
     batching: Literal["padding_free", "packed", "padded"] = field(
         "padding_free", help="padding_free: concatenate samples per batch; packed: fill max_length rows; padded: pad per batch.")
     skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
@@ -67,7 +72,6 @@ class SFTConfig:
 
 def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train an SFT adapter on ``base`` (continuing ``adapter`` if given); return the output directory."""
-    from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     # issue 10 (speed): TRL's SFTTrainer, with the LM head and loss on labelled positions only where TRL
     # scores every position (CPU); identical loss and gradients, see stages/core/training/losses.py.
@@ -82,13 +86,12 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     mixture = load_mixture(data.datasets, kind="sft", seed=training.seed, eval_ratio=data.eval_ratio,
                            eval_specs=data.eval_datasets or None, skip_invalid=data.skip_invalid)
     tokenize = dict(max_length=data.max_length, assistant_only=data.assistant_only_loss,
-                    truncation_side=data.truncation_side)
-    train_columns, train_report = tokenize_records(base.tokenizer, mixture.train, **tokenize)
-    eval_columns, eval_report = tokenize_records(base.tokenizer, mixture.eval, **tokenize)
-    if not train_columns["input_ids"]:
+                    truncation_side=data.truncation_side, history=data.rewritten_history, num_proc=data.num_proc)
+    train_dataset, train_report = tokenize_records(base.tokenizer, mixture.train, **tokenize)
+    eval_dataset, eval_report = tokenize_records(base.tokenizer, mixture.eval, **tokenize)
+    if not len(train_dataset):
         raise DataError("no training sample has a loss-bearing token left", hint="raise data.max_length")
-    train_dataset = Dataset.from_dict(train_columns)
-    eval_dataset = Dataset.from_dict(eval_columns) if eval_columns["input_ids"] else None
+    eval_dataset = eval_dataset if len(eval_dataset) else None
     held_out = [r for r in mixture.eval if "messages" in r][:data.sample_prompts]
     output.mark("data", started)
 

@@ -27,12 +27,15 @@ Decisions at the edges, fixed here so every template gets the same treatment:
 - If no special token follows the content (the template's end marker is ordinary text in this
   vocabulary, e.g. ChatML put on a base model that lacks ``<|im_end|>``), the mask runs to the end of
   the turn's own rendering, trailing whitespace excluded.
-- A template that renders an earlier prefix differently from the whole conversation (Mistral v0.3
-  moves the system prompt to the *last* user turn), or that does not render a reply's content, is
-  refused with a ``LorelayError``: no mask would be right for it.
+- A template that renders an earlier prefix differently from the whole conversation (reasoning
+  templates drop past ``<think>`` blocks; some move the system prompt to the last user turn) has no
+  one mask for the whole conversation: ``assistant_samples`` then trains each assistant
+  turn on the conversation as the template renders it at that turn (or only the final turn). One
+  whose generation prompt is not even a prefix of the turn it starts, or that does not render a
+  reply's content, is refused with a ``LorelayError``: no mask would be right for it.
 
-The ids are exactly ``tokenizer.apply_chat_template(messages, tools=tools)["input_ids"]``: the
-rendering is tokenized with ``add_special_tokens=False`` because templates write their own BOS.
+The ids are exactly ``tokenizer.apply_chat_template(messages, tools=tools)["input_ids"]`` (templates
+write their own BOS, so the rendering is tokenized with ``add_special_tokens=False``).
 """
 
 from __future__ import annotations
@@ -212,18 +215,54 @@ def _render(tokenizer, messages: list[Message], *, tools: Sequence[Any] | None, 
 # assistant-only mask
 # ----------------------------------------------------------------------------------------------
 
+HISTORY_MODES = ("per_turn", "final_turn")
+
+
+class HistoryRewritten(LorelayError):
+    """The template renders earlier turns differently once later turns follow."""
+
+
 def assistant_mask(tokenizer, messages: Sequence[Message], *,
                    tools: Sequence[Any] | None = None) -> tuple[list[int], list[int]]:
     """``(input_ids, mask)`` of a conversation: mask 1 on each assistant reply and its end-of-turn token.
 
     ``input_ids`` equal ``tokenizer.apply_chat_template(messages, tools=tools)["input_ids"]``.
     Raises ``LorelayError`` for a conversation without an assistant reply after a prompt, for tools
-    the template cannot render, and for templates whose turns cannot be located (see module doc).
+    the template cannot render, and for templates whose turns cannot be located (see module doc);
+    ``HistoryRewritten`` when the template renders earlier turns differently as the conversation grows.
     """
     messages = list(messages)
     turns = _assistant_turns(messages)
     _template_source(tokenizer, tools=bool(tools))
     _check_tools_supported(tokenizer, messages, tools)
+    return _masked(tokenizer, messages, turns, tools)
+
+
+def assistant_samples(tokenizer, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
+                      history: str = "per_turn") -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """The ``(input_ids, mask)`` samples a conversation trains as, and whether its history was rewritten.
+
+    A template that renders every prefix of the conversation as the start of the whole gives one
+    sample with all assistant turns masked. One that rewrites earlier turns as the conversation grows
+    (reasoning templates drop past ``<think>`` blocks) cannot be trained in one sequence: the model would learn replies after a history
+    it never sees at inference. Then ``history="per_turn"`` gives one sample per assistant turn, the
+    conversation up to that turn rendered as the template renders it there, only that turn masked;
+    ``"final_turn"`` gives only the final assistant turn's sample.
+    """
+    if history not in HISTORY_MODES:
+        raise LorelayError(f"unknown history mode {history!r}; expected one of {', '.join(HISTORY_MODES)}")
+    messages = list(messages)
+    try:
+        return [assistant_mask(tokenizer, messages, tools=tools)], False
+    except HistoryRewritten:
+        turns = _assistant_turns(messages)
+    chosen = turns if history == "per_turn" else turns[-1:]
+    return [_masked(tokenizer, messages[:index + 1], [index], tools, per_turn=True) for index in chosen], True
+
+
+def _masked(tokenizer, messages: list[Message], turns: list[int], tools: Sequence[Any] | None, *,
+            per_turn: bool = False) -> tuple[list[int], list[int]]:
+    """The whole rendering of ``messages`` tokenized, with the assistant ``turns`` masked."""
     full = _render(tokenizer, messages, tools=tools, generation_prompt=False)
     _check_tools_rendered(full, messages, tools)
 
@@ -234,7 +273,7 @@ def assistant_mask(tokenizer, messages: Sequence[Message], *,
     special = _special_ids(tokenizer)
     mask = [0] * len(ids)
     for index in turns:
-        start, end = _turn_window(tokenizer, messages, index, full, tools)
+        start, end = _turn_window(tokenizer, messages, index, full, tools, per_turn=per_turn)
         content_start, content_end = _content_span(full, start, end, messages[index], index)
         span_end = _end_of_turn(full, ids, offsets, special, content_end, start, end)
         _mark(mask, offsets, ends, content_start, span_end)
@@ -252,26 +291,33 @@ def _assistant_turns(messages: list[Message]) -> list[int]:
 
 
 def _turn_window(tokenizer, messages: list[Message], index: int, full: str,
-                 tools: Sequence[Any] | None) -> tuple[int, int]:
+                 tools: Sequence[Any] | None, *, per_turn: bool = False) -> tuple[int, int]:
     """Character range of assistant turn ``index`` in ``full``, from after its generation prompt."""
     prompt = _render(tokenizer, messages[:index], tools=tools, generation_prompt=True)
     if not full.startswith(prompt):
-        raise _not_a_prefix(prompt, full, index)
+        raise _not_a_prefix(prompt, full, index, per_turn=per_turn)
     through = _render(tokenizer, messages[:index + 1], tools=tools, generation_prompt=False)
     # Some templates close the conversation with extra text (Phi-3 appends EOS when there is no
     # generation prompt), so the turn ends where this rendering stops agreeing with the whole one.
     end = len(through) if full.startswith(through) else _common_prefix(through, full)
+    content = messages[index].get("content")
+    content = content.strip() if isinstance(content, str) else ""
+    if not per_turn and content and content in through[len(prompt):] and content not in full[len(prompt):end]:
+        raise HistoryRewritten(f"the chat template renders assistant turn {index} differently once later turns "
+                               "follow (e.g. it drops its <think> block)")
     return len(prompt), end
 
 
-def _not_a_prefix(prompt: str, full: str, index: int) -> LorelayError:
+def _not_a_prefix(prompt: str, full: str, index: int, *, per_turn: bool) -> LorelayError:
     at = _common_prefix(prompt, full)
-    return LorelayError(
-        f"the chat template renders messages[:{index}] differently on their own than inside the whole "
-        f"conversation (at character {at}: {prompt[at:at + 40]!r} vs {full[at:at + 40]!r}), so assistant "
-        "turns cannot be located",
-        hint="set model.chat_template to a template file whose rendering of a conversation's start does not "
-             "depend on what follows")
+    differs = (f"the chat template renders messages[:{index}] differently on their own than inside "
+               f"{'messages[:' + str(index + 1) + ']' if per_turn else 'the whole conversation'} (at character "
+               f"{at}: {prompt[at:at + 40]!r} vs {full[at:at + 40]!r})")
+    if not per_turn:
+        return HistoryRewritten(differs)
+    return LorelayError(f"{differs}, so assistant turn {index} cannot be located even on its own",
+                        hint="set model.chat_template to a template file whose generation prompt starts "
+                             "the reply's rendering")
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -328,30 +374,3 @@ def _mark(mask: list[int], offsets: list[tuple[int, int]], ends: list[int], span
         if offsets[position][1] > span_start:
             mask[position] = 1
         position += 1
-
-
-# ----------------------------------------------------------------------------------------------
-# plain text
-# ----------------------------------------------------------------------------------------------
-
-def text_completion_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """``(input_ids, mask)`` of ``prompt + completion`` + EOS, mask 1 on the completion and the EOS.
-
-    Tokenized as one string (as the model reads it), with the tokenizer's own BOS; a token that
-    straddles the boundary is trained on, as in ``assistant_mask``.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise LorelayError("the tokenizer has no EOS token, so a completion cannot be taught to end",
-                           hint="set tokenizer.eos_token")
-    encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
-    boundary = len(prompt)
-    # Tokens the tokenizer adds itself (BOS) have empty offsets (0, 0), so they stay 0.
-    mask = [int(token_end > boundary) for _, token_end in encoding["offset_mapping"]]
-    if ids and ids[-1] == eos:
-        mask[-1] = 1  # the tokenizer (or the completion itself) already ends with EOS
-    else:
-        ids.append(eos)
-        mask.append(1)
-    return ids, mask

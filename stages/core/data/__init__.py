@@ -37,15 +37,16 @@ from stages.core.data.records import LoadResult, load_records
 from stages.core.data.spec import (DATA_SUFFIXES, FIELDS, FORM_OF_FORMAT, FORMATS, KIND_FORMATS, MAX_LINE_BYTES,
                                    PASSTHROUGH_KEYS, ROLES, SHAREGPT_ROLES, SIGNATURES, UTF8_BOM, DatasetSpec,
                                    Format, RowError, Where)
-from stages.core.data.tokenize import TokenizeReport, encode_record, tokenize_records
+from stages.core.data.tokenize import (TokenizeReport, encode_record, encode_samples, text_completion_tokens,
+                                       tokenize_records)
 
 __all__ = [
     "BlockCollator", "CONVERTERS", "CorpusReport", "CorpusSource", "DATA_SUFFIXES", "DatasetSpec", "FIELDS",
     "FORMATS", "FORM_OF_FORMAT", "Format", "KIND_FORMATS", "LoadResult", "MAX_LINE_BYTES", "Mixture",
     "PASSTHROUGH_KEYS", "PackedCorpus", "ROLES", "Row", "RowError", "Rows", "SHAREGPT_ROLES", "SIGNATURES",
     "SourceReport", "TokenizeReport", "UTF8_BOM", "Where", "blocks_in_batches", "corpus_hash", "count_tokens",
-    "cut_block", "cut_point", "data_hash", "encode", "encode_record", "file_sha256", "formats_for",
+    "cut_block", "cut_point", "data_hash", "encode", "encode_record", "encode_samples", "file_sha256", "formats_for",
     "is_held_out", "load_mixture", "load_records", "loss_tokens", "mix", "mix_counts", "pack",
     "piece_positions", "read_pieces", "read_rows", "settle_format", "shuffle_buffer", "source_files", "split",
-    "take_tokens", "to_device", "tokenize_pieces", "tokenize_records", "tree_sha256",
+    "take_tokens", "text_completion_tokens", "to_device", "tokenize_pieces", "tokenize_records", "tree_sha256",
 ]

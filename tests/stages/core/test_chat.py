@@ -14,7 +14,8 @@ import copy
 import pytest
 
 from stages.core.chat import (assistant_mask, chatml_template, ensure_chat_template, render_prompt,
-                         template_supports_tools, text_completion_tokens)
+                              template_supports_tools)
+from stages.core.data import text_completion_tokens
 from stages.core.errors import LorelayError
 
 # ----------------------------------------------------------------------------------------------
