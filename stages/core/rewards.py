@@ -219,6 +219,8 @@ def check_signature(function: Callable, args: Mapping[str, Any], *, builtin: boo
     if "completions" not in named and not takes_all:
         raise ConfigError(f"{_title(function)} does not take `completions`: a reward is "
                           "fn(prompts, completions, **columns) -> list[float | None]", field="fn")
+    if inspect.iscoroutinefunction(function):
+        raise ConfigError(f"{_title(function)} is async; a reward is a plain function", field="fn")
     positional_only = [n for n, p in parameters.items() if p.kind is p.POSITIONAL_ONLY]
     if positional_only:
         raise ConfigError(f"{_title(function)} has positional-only parameters ({', '.join(positional_only)}); "
