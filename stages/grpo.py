@@ -42,6 +42,7 @@ from stages.core.evaluation import generate
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.prompts import PromptSet, load_prompts
 from stages.core.rewards import RewardSpec, check_rewards, load_rewards, pass_rates
+from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
                                   seed_everything, trainable_parameters, trainer_args, world_size)
 from stages.grpo_reward_model import RewardModelReward
@@ -311,3 +312,12 @@ def _reward_files(config: GRPOConfig) -> dict[str, str]:
 
     files = {spec.fn.rpartition(":")[0] for spec in config.rewards if spec.fn.rpartition(":")[0].endswith(".py")}
     return {path: data_hash(path) for path in sorted(files)}
+
+
+STAGE = Stage(
+    name="grpo", config_class=GRPOConfig, run=run,
+    description="Online RL from rewards and checks (GRPO, GSPO).",
+    produces_policy=True,
+    headline=(Metric("train_reward", "reward"), Metric("seconds_per_step", "s/step", "{:.1f}")),
+    card_tags=("grpo",),
+)

@@ -20,6 +20,7 @@ RECIPES: dict[str, str] = {
     "rm": "stages.reward",
     "generate": "stages.generate",
     "dpo": "stages.dpo",
+    "grpo": "stages.grpo",
 }
 
 

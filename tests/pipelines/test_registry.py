@@ -22,7 +22,7 @@ def echo_registered(monkeypatch):
 def test_every_registered_recipe_declares_its_stage():
     stages = registry.stages()
     assert [s.name for s in stages] == list(registry.RECIPES)
-    assert {s.name for s in stages if s.produces_policy} == {"cpt", "sft", "dpo"}
+    assert {s.name for s in stages if s.produces_policy} == {"cpt", "sft", "dpo", "grpo"}
     assert [s.name for s in stages if s.produces_reward_model] == ["rm"]
     with pytest.raises(ConfigError, match="unknown stage type 'sfft'") as caught:
         registry.get("sfft")

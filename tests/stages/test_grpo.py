@@ -235,3 +235,9 @@ def test_vllm_is_refused_without_cuda(tmp_path, base):
     config = grpo_config(tmp_path, data_file, "rewards=[{fn: exact_match}]", "generation=vllm")
     with pytest.raises(ConfigError, match="vLLM generation needs a CUDA device"):
         grpo.run(config, base)
+
+
+def test_the_shipped_config_loads():
+    config = load_config(grpo.GRPOConfig, "configs/grpo.yaml")
+    assert [r.name for r in config.rewards] == ["right_queue", "queue_only", "sign_off", "no_queue_label", "concise"]
+    assert (config.loss_type, config.beta, config.num_generations) == ("dapo", 0.0, 4)
