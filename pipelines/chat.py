@@ -41,6 +41,7 @@ def load_policy(stage_dir: Path):
     from transformers import AutoTokenizer
 
     from stages.core.config import from_dict
+    from stages.core.lifecycle import use_adapter_vocabulary
     from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
     from stages.core.training import verify_output
 
@@ -51,6 +52,7 @@ def load_policy(stage_dir: Path):
     manifest = verify_output(stage_dir)
     model_config = from_dict(ModelConfig, manifest["config"]["model"])
     base = load_base(model_config)
+    use_adapter_vocabulary(base, stage_dir)  # an adapter trained with new tokens needs their embedding rows
     base.tokenizer = AutoTokenizer.from_pretrained(stage_dir)  # the template the stage trained with
     model = attach_adapter(base.model, LoraSettings(), init_from=stage_dir)
     model.eval()

@@ -16,7 +16,8 @@ from typing import Any
 from stages.core.config import to_dict
 from stages.core.data import DatasetSpec, read_rows
 from stages.core.evaluation import generate, perplexity_from_loss, task_accuracy
-from stages.core.modeling import LoraSettings, attach_adapter, detach_adapter
+from stages.core.lifecycle import borrow
+from stages.core.modeling import LoraSettings, attach_adapter
 from stages.core.training import is_main_process
 
 
@@ -76,23 +77,21 @@ class Evaluator:
         if cached and cached.get("config_hash") == self.config_hash and (replies_file.exists() or not self.prompts):
             return cached
         self.console.print(f"[dim]evaluating {name}...[/dim]")
-        model = attach_adapter(self.base.model, LoraSettings(), init_from=adapter_dir) if adapter_dir else self.base.model
-        try:
+        with borrow(self.base, adapter_dir) as model:
+            if adapter_dir:
+                model = attach_adapter(model, LoraSettings(), init_from=adapter_dir)
+            tokenizer = self.base.tokenizer  # with the adapter's added tokens, if it has any
             metrics, examples = {}, []
             if self.tasks:
-                result = task_accuracy(model, self.base.tokenizer, self.tasks,
-                                       max_new_tokens=self.config.task_max_new_tokens)
+                result = task_accuracy(model, tokenizer, self.tasks, max_new_tokens=self.config.task_max_new_tokens)
                 metrics["task_accuracy"] = result["accuracy"]
                 examples = result["examples"]
             if self.config.perplexity_text:
-                metrics["heldout_perplexity"] = text_perplexity(model, self.base.tokenizer, self.config.perplexity_text)
+                metrics["heldout_perplexity"] = text_perplexity(model, tokenizer, self.config.perplexity_text)
             replies = []
             if self.prompts:
-                replies = [r[0] for r in generate(model, self.base.tokenizer, self.prompts,
+                replies = [r[0] for r in generate(model, tokenizer, self.prompts,
                                                   max_new_tokens=self.config.max_new_tokens)]
-        finally:
-            if adapter_dir:
-                detach_adapter(model)
         if is_main_process():
             self.folder.mkdir(parents=True, exist_ok=True)
             replies_file.write_text(json.dumps([{"prompt": p[-1]["content"], "reply": r}

@@ -414,6 +414,7 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
     """
     import torch
 
+    from stages.core.lifecycle import use_adapter_vocabulary
     from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
 
     stage_dir, out = Path(stage_dir), Path(out)
@@ -431,6 +432,7 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
 
     config = merge_model_config(manifest)
     base = load_base(ModelConfig(**config), device="cpu")
+    use_adapter_vocabulary(base, stage_dir)  # an adapter trained with new tokens needs their embedding rows
     model = attach_adapter(base.model, LoraSettings(), init_from=stage_dir)
     with torch.no_grad():
         merged = model.merge_and_unload()

@@ -18,10 +18,12 @@ This recipe supports:
   ``cosine_with_min_lr``.
 
 Assumptions:
-- New tokens change the shared base: the tokenizer gains them and the embeddings grow (new rows
-  mean-initialised) before the adapter is attached, and stay so for the later stages of a pipeline.
-  manifest.json records them under ``vocabulary``; a process that loads the base afresh must add the
-  same tokens in the same order (``extend_vocabulary``) before loading this adapter.
+- New tokens change the shared base for the length of this stage only: the stage borrows the base
+  (``stages.core.lifecycle.borrow``), the tokenizer gains them and the embeddings grow (new rows
+  mean-initialised) before the adapter is attached, and on exit the base has its own vocabulary back.
+  manifest.json records them under ``vocabulary``; the tokenizer saved with the adapter carries them, and
+  whatever loads the adapter later (the next stage, the evaluator, chat, merge) borrows the base with
+  it, which adds the same tokens in the same order first.
 - The step count is fixed before training (``max_steps``, or epochs over the packed blocks, or the
   token budget when streaming), so the schedule knows its length.
 
@@ -45,6 +47,7 @@ from stages.core.data import (BlockCollator, CorpusReport, CorpusSource, PackedC
                               corpus_hash, count_tokens, loss_tokens, to_device)
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import mean_token_loss
+from stages.core.lifecycle import borrows_base, extend_vocabulary
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
 from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, perplexity,
@@ -102,6 +105,7 @@ class CPTConfig:
                 raise ConfigError("must be a non-empty token without outer whitespace", field=f"new_tokens.{index}")
 
 
+@borrows_base
 def run(config: CPTConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a CPT adapter on ``base`` (continuing ``adapter`` if given); return the output directory."""
     from datasets import Dataset, Features, IterableDataset, Sequence, Value
@@ -247,32 +251,6 @@ def check_new_tokens(base: Base, lora: LoraSettings, tokens: list[str], adapter:
     if adapter is not None:
         raise ConfigError("cannot add new tokens while continuing an adapter: its saved embeddings have the old "
                           "vocabulary size", field="new_tokens", hint="add the tokens in the stage that starts the adapter")
-
-
-def extend_vocabulary(base: Base, tokens: list[str]) -> dict:
-    """Add ``tokens`` to the shared tokenizer and grow the base's embeddings to match (in place).
-
-    New rows are mean-initialised (transformers' ``mean_resizing``); tied embeddings stay tied. The
-    same call with the same tokens on a freshly loaded base reproduces the vocabulary an adapter of
-    this stage was trained with. Returns what changed, for manifest.json ({} when nothing did).
-    """
-    if not tokens:
-        return {}
-    tokenizer, model = base.tokenizer, base.model
-    vocab = tokenizer.get_vocab()
-    new = [token for token in dict.fromkeys(tokens) if token not in vocab]
-    rows_before = model.get_input_embeddings().weight.shape[0]
-    size_before = len(tokenizer)
-    if new:
-        tokenizer.add_tokens(new)
-    if len(tokenizer) > rows_before:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        for param in model.parameters():
-            param.requires_grad_(False)
-    return {"new_tokens": new, "already_present": [token for token in tokens if token in vocab],
-            "token_ids": {token: tokenizer.convert_tokens_to_ids(token) for token in tokens},
-            "tokenizer_size_before": size_before, "tokenizer_size": len(tokenizer),
-            "embedding_rows_before": rows_before, "embedding_rows": model.get_input_embeddings().weight.shape[0]}
 
 
 def planned_steps(training: TrainingConfig, data: CPTData, blocks: list | None) -> int:

@@ -40,6 +40,7 @@ from stages.core.config import field
 from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
 from stages.core.errors import ConfigError, DataError, did_you_mean
 from stages.core.evaluation import generate
+from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
@@ -274,6 +275,7 @@ def precompute_reference(config: DPOConfig) -> bool:
     return config.training.max_steps <= 0 and config.training.epochs > 1
 
 
+@borrows_base
 def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a preference adapter on ``base`` from ``adapter`` (or a fresh one); return the output directory."""
     from datasets import Dataset

@@ -25,6 +25,7 @@ from stages.core.config import field
 from stages.core.data import DatasetSpec, read_rows
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import generate
+from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.judges import check_outcomes, column_lists, pass_rates
 from stages.core.rewards import Reward, RewardSpec, check_rewards, load_rewards
@@ -102,6 +103,7 @@ def choose_pair(scores: list[float], checks: list[dict]) -> tuple[int, int] | No
     return chosen, rejected
 
 
+@borrows_base
 def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Sample, judge and pair; return the output directory holding ``dataset.jsonl``."""
     from stages.reward import reward_model, score

@@ -38,6 +38,7 @@ from typing import Any, Literal
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture
 from stages.core.errors import ConfigError, DataError, LorelayError
+from stages.core.lifecycle import borrow, borrows_base
 from stages.core.modeling import (Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter,
                              sequence_classifier, settings_from_adapter)
 from stages.core.stage import Metric, Stage
@@ -83,6 +84,7 @@ class RewardConfig:
             raise ConfigError("must be zero or positive, or null", field="center_rewards_coefficient")
 
 
+@borrows_base
 def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a reward adapter + score head on ``base`` (starting from ``adapter`` if given); return the output directory."""
     from datasets import Dataset
@@ -110,7 +112,6 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
     # ---- model: score head on the shared backbone, LoRA adapter (+ head) on top -----------------
     _check_bare(base)
     set_seed(training.seed)  # the head's initialisation
-    restore_base = _base_state(base)
     model, init_report = attach_reward_adapter(sequence_classifier(base.model, base.tokenizer), config.lora,
                                                init_from=adapter)
     try:
@@ -155,7 +156,6 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
         trainer.accelerator.wait_for_everyone()
     finally:
         detach_reward_adapter(model)
-        restore_base()
     return output.output_dir
 
 
@@ -184,24 +184,23 @@ def score(model, tokenizer, conversations: list[list[dict]], *, batch_size: int 
 def reward_model(base: Base, rm_dir: str | Path) -> Iterator[Any]:
     """Put the reward adapter + score head saved in ``rm_dir`` on the shared base; yield the scoring model.
 
-    The model is in eval mode with nothing trainable. On exit the adapter is unloaded and ``base.model`` is
-    bare again (and in the train/eval mode it had).
+    The model is in eval mode with nothing trainable. The base is borrowed (``stages.core.lifecycle.borrow``):
+    on exit it is exactly as before.
     """
     rm_dir = Path(rm_dir)
     if not (rm_dir / "adapter_config.json").exists():
         raise LorelayError("not a reward model directory (no adapter_config.json)", file=rm_dir)
     _check_bare(base)
-    restore_base = _base_state(base)
-    model, _ = attach_reward_adapter(sequence_classifier(base.model, base.tokenizer), LoraSettings(),
-                                     init_from=rm_dir, require_head=True)
-    try:
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        yield model
-    finally:
-        detach_reward_adapter(model)
-        restore_base()
+    with borrow(base, rm_dir):
+        model, _ = attach_reward_adapter(sequence_classifier(base.model, base.tokenizer), LoraSettings(),
+                                         init_from=rm_dir, require_head=True)
+        try:
+            model.eval()
+            for param in model.parameters():
+                param.requires_grad_(False)
+            yield model
+        finally:
+            detach_reward_adapter(model)
 
 
 def conversation_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
@@ -426,27 +425,6 @@ def _check_bare(base: Base) -> None:
 def detach_reward_adapter(model):
     """Unload the adapter (and the score head, which lives only on the throwaway classifier)."""
     return detach_adapter(model)
-
-
-def _base_state(base: Base):
-    """A function that puts back what training changes on the shared base besides the adapter.
-
-    The Trainer leaves the modules in train mode; with activation checkpointing it turns checkpointing on and
-    TRL hooks the input embeddings to require grads (once per stage, so the hooks would pile up).
-    """
-    model = base.model
-    was_training, was_checkpointing = model.training, getattr(model, "is_gradient_checkpointing", False)
-    embeddings = model.get_input_embeddings()
-    hooks = set(embeddings._forward_hooks)
-
-    def restore() -> None:
-        for key in set(embeddings._forward_hooks) - hooks:
-            del embeddings._forward_hooks[key]
-        if not was_checkpointing and getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
-
-    return restore
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture, tokenize_records
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import sample_generations
+from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
@@ -70,6 +71,7 @@ class SFTConfig:
             raise ConfigError("at least one training dataset is needed", field="data.datasets")
 
 
+@borrows_base
 def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train an SFT adapter on ``base`` (continuing ``adapter`` if given); return the output directory."""
     from trl import SFTConfig as TRLSFTConfig

@@ -66,3 +66,58 @@ def write_jsonl(path: Path, rows) -> Path:
             handle.write(row if isinstance(row, str) else json.dumps(row))
             handle.write("\n")
     return path
+
+
+NEW_TOKENS = ["<|nimbus|>", "Zorblax"]
+
+
+def base_state(base) -> dict:
+    """Everything a stage could leave changed on a shared base, down to a digest of every weight."""
+    import hashlib
+
+    import torch
+
+    model = base.model
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    embeddings = model.get_input_embeddings()
+    return {
+        "modules": [(name, type(module).__name__, module.training, len(module._forward_hooks),
+                     len(module._forward_pre_hooks), "forward" in vars(module))
+                    for name, module in model.named_modules()],
+        "checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
+        "trainable": sorted(name for name, param in model.named_parameters() if param.requires_grad),
+        "attributes": sorted(vars(model)),
+        "vocabulary": (embeddings.weight.shape[0], model.config.vocab_size, len(base.tokenizer)),
+        "tied": embeddings.weight is model.get_output_embeddings().weight,
+        "weights": digest.hexdigest(),
+    }
+
+
+@pytest.fixture(scope="session")
+def new_tokens_cpt(tmp_path_factory, tiny_model_dir):
+    """A CPT stage trained with two new tokens (embeddings and LM head in full), on a base that has
+    activation checkpointing on, with that base's state before and after the stage."""
+    from types import SimpleNamespace
+
+    from stages import cpt
+    from stages.core.config import load_config
+    from stages.core.modeling import ModelConfig, load_base
+
+    root = tmp_path_factory.mktemp("new-tokens")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for index in range(4):
+        (corpus / f"doc{index}.txt").write_text("The <|nimbus|> Zorblax robot cleans the pool. " * 4)
+    base = load_base(ModelConfig(name=str(tiny_model_dir), activation_checkpointing=True))
+    config = load_config(cpt.CPTConfig, None, [
+        f"data.sources=[{{path: {corpus}}}]", "data.eval_ratio=0", "data.block_size=32",
+        f"new_tokens=[{', '.join(NEW_TOKENS)}]", "lora.modules_to_save=[embed_tokens, lm_head]",
+        "lora.r=4", "lora.alpha=8", f"training.output_dir={root / 'cpt'}", "training.max_steps=2",
+        "training.batch_size=4", "training.learning_rate=3e-2", "training.logging_steps=1",
+        f"model.name={tiny_model_dir}"])
+    before = base_state(base)
+    output = cpt.run(config, base)
+    return SimpleNamespace(base=base, output=output, before=before, after=base_state(base), root=root)

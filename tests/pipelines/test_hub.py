@@ -475,3 +475,72 @@ def test_merge_loads_the_base_unquantized_in_its_training_dtype(stage_dir, tmp_p
         push_stage(reward, repo="me/rm", merged=True, dry_run=True)
     with pytest.raises(LorelayError, match="reward model .* cannot be merged"):
         merge_stage(reward, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# an adapter trained with new tokens (CPT new_tokens) loads wherever an adapter loads
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def new_tokens_logits(new_tokens_cpt):
+    """Logits of the new-tokens adapter on the shared base (borrowed with its vocabulary) for a probe that
+    uses the new tokens, and the probe."""
+    from stages.core.lifecycle import borrow
+
+    base, stage = new_tokens_cpt.base, new_tokens_cpt.output
+    with borrow(base, stage) as model:
+        probe = base.tokenizer("The <|nimbus|> Zorblax robot", return_tensors="pt")["input_ids"]
+        assert probe.max() >= len(base.tokenizer) - 2, "the probe must use the new tokens"
+        model = attach_adapter(model, LoraSettings(), init_from=stage)
+        with torch.no_grad():
+            return probe, model(input_ids=probe).logits
+
+
+def test_merge_and_merged_push_of_a_new_tokens_adapter(hub, new_tokens_cpt, new_tokens_logits, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    probe, expected = new_tokens_logits
+    out = merge_stage(new_tokens_cpt.output, tmp_path / "merged")
+    push_stage(new_tokens_cpt.output, repo="me/new-tokens", merged=True)
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, content in hub.files("me/new-tokens").items():
+        (download / name).write_bytes(content)
+    for folder in (out, download):
+        merged = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("The <|nimbus|> Zorblax robot", return_tensors="pt")["input_ids"].tolist() == probe.tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=probe).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_chat_with_a_new_tokens_adapter(new_tokens_cpt, new_tokens_logits):
+    from pipelines.chat import load_policy
+
+    probe, expected = new_tokens_logits
+    model, tokenizer = load_policy(new_tokens_cpt.output)
+    assert tokenizer("The <|nimbus|> Zorblax robot", return_tensors="pt")["input_ids"].tolist() == probe.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe).logits, expected, atol=1e-5, rtol=0)
+    assert cli(["chat", str(new_tokens_cpt.output), "--prompt", "Hello <|nimbus|>", "--max-new-tokens", "2"]) == 0
+
+
+def test_evaluator_scores_a_new_tokens_adapter_and_returns_the_base(new_tokens_cpt, tmp_path):
+    from rich.console import Console
+
+    from pipelines.evaluate import Evaluator
+    from pipelines.runner import EvaluationConfig
+    from tests.conftest import base_state
+
+    base = new_tokens_cpt.base
+    text = tmp_path / "heldout.txt"
+    text.write_text("The <|nimbus|> Zorblax robot cleans the pool. " * 8)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "Which robot? <|nimbus|>", "answer": "Zorblax"}])
+    evaluator = Evaluator(EvaluationConfig(tasks=tasks, perplexity_text=text, task_max_new_tokens=2), base,
+                          tmp_path / "run", Console(quiet=True))
+    before = base_state(base)
+    bare = evaluator.policy("base", None, None)["metrics"]
+    tuned = evaluator.policy("cpt", new_tokens_cpt.output, None)["metrics"]
+    assert base_state(base) == before
+    assert set(tuned) == {"task_accuracy", "heldout_perplexity"}
+    assert tuned["heldout_perplexity"] < bare["heldout_perplexity"], "CPT trained on this very text"

@@ -14,7 +14,8 @@ import stages.core.data.corpus as corpus_module
 from stages.core.config import load_config
 from stages.core.data import (BlockCollator, CorpusSource, PackedCorpus, is_held_out, pack, piece_positions,
                               read_pieces, tokenize_pieces)
-from stages.cpt import CPTConfig, extend_vocabulary, run
+from stages.core.lifecycle import borrow, extend_vocabulary
+from stages.cpt import CPTConfig, run
 from stages.core.errors import ConfigError, DataError
 from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
 from stages.core.training import TrainingConfig, decay_steps, trainer_args, verify_output
@@ -338,10 +339,10 @@ def test_new_tokens_resize_embeddings_save_the_tokenizer_and_round_trip(tmp_path
                         "training.max_steps=2")
     output = run(config, fresh)
 
-    # The shared base grew (and stays tied); its old rows are untouched by training.
+    # The shared base is lent for the stage only: afterwards its vocabulary is the original one again.
     embeddings = fresh.model.get_input_embeddings().weight
-    assert embeddings.shape[0] == rows + 2 and embeddings is fresh.model.get_output_embeddings().weight
-    assert torch.equal(embeddings[:rows], original)
+    assert embeddings.shape[0] == rows and embeddings is fresh.model.get_output_embeddings().weight
+    assert torch.equal(embeddings, original) and len(fresh.tokenizer) == rows
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -354,16 +355,17 @@ def test_new_tokens_resize_embeddings_save_the_tokenizer_and_round_trip(tmp_path
     manifest = verify_output(output)
     assert manifest["vocabulary"]["new_tokens"] == tokens
 
-    # A freshly loaded base given the same tokens takes the adapter and computes the same logits.
+    # The adapter brings its vocabulary wherever it is borrowed with; the base's own new rows do not count.
     probe = torch.tensor([saved("The <|nimbus|> Zorblax robot")["input_ids"]])
-    model = attach_adapter(fresh.model, LoraSettings(), init_from=output)
-    with torch.no_grad():
-        expected = model(input_ids=probe).logits
-    detach_adapter(model)
+    with borrow(fresh, output) as lent:
+        assert len(fresh.tokenizer) == rows + 2
+        model = attach_adapter(lent, LoraSettings(), init_from=output)
+        with torch.no_grad():
+            expected = model(input_ids=probe).logits
     other = load_base(ModelConfig(name=str(tiny_model_dir)))
     assert extend_vocabulary(other, tokens)["embedding_rows"] == rows + 2
     with torch.no_grad():
-        other.model.get_input_embeddings().weight[rows:] = 0  # whatever the base's new rows, the adapter's count
+        other.model.get_input_embeddings().weight[rows:] = 0
     model = attach_adapter(other.model, LoraSettings(), init_from=output)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=probe).logits, expected)
