@@ -529,7 +529,7 @@ def test_evaluator_scores_a_new_tokens_adapter_and_returns_the_base(new_tokens_c
     from rich.console import Console
 
     from pipelines.evaluate import Evaluator
-    from pipelines.runner import EvaluationConfig
+    from pipelines.plan import EvaluationConfig
     from tests.conftest import base_state
 
     base = new_tokens_cpt.base
