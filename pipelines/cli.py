@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="Check a data file without training.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="Validate a data file without training.")
-    check.add_argument("file")
+    check.add_argument("file", help="a data file, a directory of text files (CPT) or a saved dataset")
     check.add_argument("--format", default="auto")
-    check.add_argument("--kind", default="sft", choices=["sft", "text", "preference", "kto"])
+    check.add_argument("--kind", default="auto", choices=["auto", "sft", "preference", "kto", "cpt", "text"],
+                       help="which checks, when the format does not say (text: the older name of cpt)")
     check.add_argument("--model", default=None, help="tokenizer for length statistics (default: embedded model)")
+    check.add_argument("--sample", type=int, default=2000,
+                       help="rows whose chat-template token statistics are computed (0: every row)")
+    check.add_argument("--separator", default=None, help="CPT: split text files into documents at this string")
 
     push = sub.add_parser("push", help="Upload a policy and its model card to the Hub.")
     push.add_argument("target", help="stage output directory or run directory")
@@ -114,7 +118,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         from pipelines.data_check import check_command
 
-        return check_command(args.file, data_format=args.format, kind=args.kind, model=args.model)
+        return check_command(args.file, data_format=args.format, kind=args.kind, model=args.model,
+                             sample=args.sample, separator=args.separator)
     if args.command == "push":
         from pipelines.hub import push_command
 

@@ -23,8 +23,8 @@ torch and transformers are not imported by importing this package, and ``dataset
 only inside the functions that need them, so ``lorelay data check`` starts fast.
 """
 
-from stages.core.data.corpus import (CorpusReport, CorpusSource, SourceReport, corpus_hash, cut_point,
-                                     read_pieces, source_files)
+from stages.core.data.corpus import (TEXT_SUFFIXES, CorpusReport, CorpusSource, SourceReport, corpus_hash,
+                                     cut_point, read_pieces, source_files)
 from stages.core.data.fields import Row
 from stages.core.data.formats import CONVERTERS, formats_for, settle_format
 from stages.core.data.mixture import (Mixture, data_hash, file_sha256, load_mixture, mix, mix_counts, split,
@@ -44,7 +44,7 @@ __all__ = [
     "BlockCollator", "CONVERTERS", "CorpusReport", "CorpusSource", "DATA_SUFFIXES", "DatasetSpec", "FIELDS",
     "FORMATS", "FORM_OF_FORMAT", "Format", "KIND_FORMATS", "LoadResult", "MAX_LINE_BYTES", "Mixture",
     "PASSTHROUGH_KEYS", "PackedCorpus", "ROLES", "Row", "RowError", "Rows", "SHAREGPT_ROLES", "SIGNATURES",
-    "SourceReport", "TokenizeReport", "UTF8_BOM", "Where", "blocks_in_batches", "corpus_hash", "count_tokens",
+    "SourceReport", "TEXT_SUFFIXES", "TokenizeReport", "UTF8_BOM", "Where", "blocks_in_batches", "corpus_hash", "count_tokens",
     "cut_block", "cut_point", "data_hash", "encode", "encode_record", "encode_samples", "file_sha256", "formats_for",
     "is_held_out", "load_mixture", "load_records", "loss_tokens", "mix", "mix_counts", "pack",
     "piece_positions", "read_pieces", "read_rows", "settle_format", "shuffle_buffer", "source_files", "split",

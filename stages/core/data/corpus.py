@@ -176,11 +176,12 @@ Piece = tuple[str, bool]
 
 
 def read_pieces(sources: Sequence[CorpusSource], *, report: CorpusReport | None = None,
-                seed: int | None = None) -> Iterator[Piece]:
+                seed: int | None = None, require_text: bool = True) -> Iterator[Piece]:
     """Every document of ``sources`` as pieces. ``seed`` shuffles the order of the files.
 
     Leading and trailing whitespace of each document is dropped, and blank documents are skipped
-    (counted). A source with no text at all is a DataError.
+    (counted). A source with no text at all is a DataError, unless ``require_text`` is false (a check
+    that reads a corpus file by file counts a blank file as an empty document).
     """
     report = report if report is not None else CorpusReport()
     report.sources = [SourceReport(path=source.path) for source in sources]
@@ -196,7 +197,7 @@ def read_pieces(sources: Sequence[CorpusSource], *, report: CorpusReport | None 
             pieces = _row_documents(source, location)
         yield from _clean(pieces, counts)
     for source, counts in zip(sources, report.sources):
-        if counts.documents == 0:
+        if require_text and counts.documents == 0:
             raise DataError(f"no text: {counts.files} file(s) read, {counts.empty_documents} blank "
                             "document(s), nothing to train on", file=source.path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stages.core.data.fields import Row
@@ -60,10 +61,12 @@ class _Skips:
         self.errors.append(str(error))
 
 
-def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False) -> LoadResult:
+def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False,
+                 on_row: Callable[[], None] | None = None) -> LoadResult:
     """Read, detect, convert and check every row of ``spec``.
 
-    ``kind`` ("sft", "text", "preference", "kto") says which formats the caller can train on.
+    ``kind`` ("sft", "text", "preference", "kto", or "any" for a check without training) says which
+    formats the caller can train on. ``on_row`` is called after each row (progress display).
     Raises DataError (file-wide fault, or a bad row unless ``skip_invalid``) or ConfigError.
     """
     allowed = formats_for(kind)
@@ -77,6 +80,8 @@ def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = F
     fmt = None
     for where, value in read_rows(spec):
         rows += 1
+        if on_row is not None:
+            on_row()
         try:
             if isinstance(value, RowError):
                 raise value

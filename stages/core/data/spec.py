@@ -27,6 +27,7 @@ KIND_FORMATS = {
     "text": ("text",),
     "preference": ("preference",),
     "kto": ("kto",),
+    "any": ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"),  # data check
 }
 
 # How auto-detection recognises a format: the first whose keys are all present wins. Preference and
