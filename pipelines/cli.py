@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--kind", default="auto", choices=["auto", "sft", "preference", "kto", "cpt", "text"],
                        help="which checks, when the format does not say (text: the older name of cpt)")
     check.add_argument("--model", default=None, help="tokenizer for length statistics (default: embedded model)")
-    check.add_argument("--sample", type=int, default=2000,
+    check.add_argument("--sample", type=int, default=1000,
                        help="rows whose chat-template token statistics are computed (0: every row)")
     check.add_argument("--separator", default=None, help="CPT: split text files into documents at this string")
 

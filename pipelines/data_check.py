@@ -28,7 +28,7 @@ from stages.core.data import (TEXT_SUFFIXES, CorpusReport, CorpusSource, Dataset
 from stages.core.errors import DataError, LorelayError
 
 KINDS = ("auto", "sft", "preference", "kto", "cpt", "text")  # text: the older name of cpt
-DEFAULT_SAMPLE = 2000
+DEFAULT_SAMPLE = 1000
 TOKENIZE_BATCH = 512  # CPT documents tokenized per call (the fast tokenizer works through a batch in parallel)
 
 
