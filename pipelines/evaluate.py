@@ -1,9 +1,16 @@
-"""Evaluating each policy of a run: task accuracy, held-out perplexity, judged win rates.
+"""Evaluating each policy of a run: task accuracy, held-out perplexity, check pass rates, win rates.
 
-Every policy (the bare base, then each cpt/sft/dpo stage) is evaluated right after it is trained, so
-gates can use the numbers. Replies to the held-out prompts are kept in ``eval/NAME.json``; at the end
-the reward model judges all of them in one pass, and each stage's win rate is counted against its
-parent (the policy it started from): a win when the judge scores its reply higher on the same prompt.
+Every policy (the bare base, then each policy stage) is evaluated right after it is trained, so gates can
+use the numbers: ``task_accuracy``, ``heldout_perplexity`` and, per configured check, ``NAME_rate`` (the
+share of replies to the held-out prompts that pass it, among those it applies to). Replies and their check
+results are kept in ``eval/NAME.json``. At the end each stage is compared with its parent (the policy it
+started from) on the same prompts by judges no stage trained against (``stages.core.judges``):
+
+- ``check_*``: the reply passing more of the applicable checks wins;
+- ``judge_*``: the configured pairwise judge (a local model or an endpoint), asked in both orders;
+
+and, labelled as its opinion, ``rm_*``: the trained reward model, which may have picked the very pairs a
+stage learned from.
 """
 
 from __future__ import annotations
@@ -15,9 +22,13 @@ from typing import Any
 
 from stages.core.config import to_dict
 from stages.core.data import DatasetSpec, read_rows
+from stages.core.errors import ConfigError
 from stages.core.evaluation import generate, perplexity_from_loss, task_accuracy
+from stages.core.judges import (check_outcomes, check_rates, check_verdicts, column_lists, swapped_verdicts,
+                                tally)
 from stages.core.lifecycle import borrow
 from stages.core.modeling import LoraSettings, attach_adapter
+from stages.core.rewards import check_rewards, load_rewards
 from stages.core.training import is_main_process
 
 
@@ -62,8 +73,16 @@ class Evaluator:
         self.config_hash = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
         limit = config.max_items
         self.tasks = read_jsonl_rows(config.tasks, limit) if config.tasks else []
-        self.prompts = [[{"role": "user", "content": r["prompt"]}]
-                        for r in (read_jsonl_rows(config.prompts, limit) if config.prompts else [])]
+        rows = read_jsonl_rows(config.prompts, limit) if config.prompts else []
+        self.prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        # A check reads the prompt rows' other columns (e.g. `queue`, `sign_off`); replies are its completions.
+        self.columns = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in rows]
+        self.checks = load_rewards(config.checks, where="evaluation.checks")
+        if self.checks and not rows:
+            raise ConfigError("evaluation.checks judge the replies to evaluation.prompts: give prompts",
+                              field="evaluation.prompts")
+        if self.checks:  # a missing column or a broken function shows now, before any stage trains
+            check_rewards(self.checks, self.prompts[:4], [""] * len(rows[:4]), column_lists(self.columns[:4]))
 
     @property
     def enabled(self) -> bool:
@@ -92,39 +111,55 @@ class Evaluator:
             if self.prompts:
                 replies = [r[0] for r in generate(model, tokenizer, self.prompts,
                                                   max_new_tokens=self.config.max_new_tokens)]
+        outcomes = check_outcomes(self.checks, self.prompts, replies, self.columns) if replies else []
+        metrics.update({name: rate for name, rate in check_rates(outcomes).items() if rate is not None})
         if is_main_process():
             self.folder.mkdir(parents=True, exist_ok=True)
-            replies_file.write_text(json.dumps([{"prompt": p[-1]["content"], "reply": r}
-                                                for p, r in zip(self.prompts, replies)], indent=1, ensure_ascii=False))
+            replies_file.write_text(json.dumps([{"prompt": p[-1]["content"], "reply": r, "checks": c}
+                                                for p, r, c in zip(self.prompts, replies, outcomes or [{}] * len(replies))],
+                                               indent=1, ensure_ascii=False))
         return {"config_hash": self.config_hash, "metrics": metrics, "examples": examples}
 
-    def win_rates(self, judge_dir: Path, run: dict[str, Any]) -> dict[str, dict[str, float]]:
-        """Each policy stage against its parent, judged by the reward model on the held-out prompts."""
-        from stages.reward import reward_model, score
-
+    def win_rates(self, run: dict[str, Any], reward_model_dir: Path | None) -> dict[str, dict[str, float]]:
+        """Each policy stage against its parent on the held-out prompts: program checks, the configured
+        judge, and the trained reward model's opinion (``reward_model_dir``, when given)."""
         policies = ["base"] + [s["name"] for s in run["stages"] if s.get("evaluation")]
         replies = {name: json.loads((self.folder / f"{name}.json").read_text()) for name in policies
                    if (self.folder / f"{name}.json").exists()}
+        pairs = [(s["name"], s.get("init_from") or "base") for s in run["stages"]]
+        pairs = [(name, parent) for name, parent in pairs if name in replies and parent in replies]
+        if not pairs:
+            return {}
+        results: dict[str, dict[str, float]] = {name: {} for name, _ in pairs}
+        if self.checks:
+            for name, parent in pairs:
+                results[name].update(tally(check_verdicts([r.get("checks") or {} for r in replies[name]],
+                                                          [r.get("checks") or {} for r in replies[parent]]), "check_"))
+        if self.config.judge is not None:
+            self.console.print(f"[dim]judging {len(pairs)} policies against their parents with "
+                               f"{self.config.judge.url or self.config.judge.model}, both orders...[/dim]")
+            judge = self.config.judge.build()
+            for name, parent in pairs:
+                verdicts = swapped_verdicts(judge, [r["prompt"] for r in replies[name]],
+                                            [r["reply"] for r in replies[name]], [r["reply"] for r in replies[parent]])
+                results[name].update(tally(verdicts, "judge_"))
+        if reward_model_dir is not None:
+            by_policy = self._reward_model_scores(reward_model_dir, replies)
+            for name, parent in pairs:
+                mine, theirs = by_policy[name], by_policy[parent]
+                results[name].update(tally([(a > b) - (a < b) for a, b in zip(mine, theirs)], "rm_"),
+                                     rm_mean_reward=sum(mine) / len(mine))
+        return results
+
+    def _reward_model_scores(self, reward_model_dir: Path, replies: dict[str, list[dict]]) -> dict[str, list[float]]:
+        from stages.reward import reward_model, score
+
         conversations, index = [], {}
         for name, rows in replies.items():
             index[name] = len(conversations)
             conversations += [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["reply"]}]
                               for r in rows]
-        if not conversations:
-            return {}
-        self.console.print(f"[dim]judging {len(conversations)} replies with {judge_dir}...[/dim]")
-        with reward_model(self.base, judge_dir) as judge:
+        self.console.print(f"[dim]scoring {len(conversations)} replies with {reward_model_dir}...[/dim]")
+        with reward_model(self.base, reward_model_dir) as judge:
             scores = score(judge, self.base.tokenizer, conversations)
-        by_policy = {name: scores[index[name]:index[name] + len(rows)] for name, rows in replies.items()}
-        results = {}
-        for stage in run["stages"]:
-            name, parent = stage["name"], stage.get("init_from") or "base"
-            if name not in by_policy or parent not in by_policy:
-                continue
-            mine, theirs = by_policy[name], by_policy[parent]
-            wins = sum(a > b for a, b in zip(mine, theirs))
-            losses = sum(a < b for a, b in zip(mine, theirs))
-            results[name] = {"win_rate_vs_parent": wins / len(mine), "loss_rate_vs_parent": losses / len(mine),
-                             "wins": wins, "losses": losses, "ties": len(mine) - wins - losses,
-                             "mean_reward": sum(mine) / len(mine)}
-        return results
+        return {name: scores[index[name]:index[name] + len(rows)] for name, rows in replies.items()}

@@ -18,7 +18,9 @@ from pipelines.lineage import cache_key
 from stages import registry
 from stages.core.config import apply_overrides, deep_merge, field, from_dict, read_yaml, to_dict
 from stages.core.errors import ConfigError, did_you_mean
+from stages.core.judges import JudgeConfig
 from stages.core.modeling import LoraSettings, ModelConfig
+from stages.core.rewards import RewardSpec
 from stages.core.stage import Stage
 
 @dataclasses.dataclass
@@ -51,9 +53,18 @@ class StageEntry:
 @dataclasses.dataclass
 class EvaluationConfig:
     tasks: Path | None = field(None, help="JSONL of {prompt, answer}: exact-match task accuracy of each policy.")
-    prompts: Path | None = field(None, help="JSONL of {prompt}: replies judged by the reward model for win rates.")
+    prompts: Path | None = field(None, help="JSONL of {prompt, ...columns}: replies checked and judged for win rates.")
     perplexity_text: Path | None = field(None, help="Held-out text file: perplexity of each policy.")
-    judge: str | None = field(None, help="Name of the reward stage that judges win rates (default: the rm stage).")
+    checks: list[RewardSpec] = field(
+        default_factory=list, help="Program checks of each policy's replies to `prompts` (fn/args as GRPO's rewards; "
+                                   "columns come from the prompt rows): NAME_rate per check, usable in gates, and "
+                                   "the check win rate against the parent.")
+    judge: JudgeConfig | None = field(
+        None, help="An independent pairwise judge: a local model or an OpenAI-compatible endpoint, asked in both "
+                   "orders with a fixed rubric (judge_win_rate_vs_parent).")
+    reward_model: str | None = field(
+        None, help="Reward stage whose opinion is reported too (rm_win_rate_vs_parent; default: the rm stage; "
+                   "'none': skip). A stage may have trained against it, so it is labelled as its opinion.")
     max_new_tokens: int = field(48, help="Reply length for prompts.")
     task_max_new_tokens: int = field(16, help="Reply length for task answers.")
     max_items: int | None = field(None, help="Use only the first N tasks and prompts.")

@@ -16,12 +16,21 @@ from stages.core.training import is_main_process
 
 # What pipelines/evaluate.py measures on every policy; each stage's own columns come from its STAGE.headline.
 EVALUATION_COLUMNS = (Metric("task_accuracy", "task acc", "{:.1%}"), Metric("heldout_perplexity", "ppl", "{:.2f}"))
-WIN_COLUMNS = (Metric("win_rate_vs_parent", "wins", "{:.1%}"), Metric("loss_rate_vs_parent", "lost", "{:.1%}"))
+# Win rates against the parent: program checks and the configured judge (no stage trained against either), then
+# the trained reward model's opinion.
+WIN_COLUMNS = (Metric("check_win_rate_vs_parent", "checks won", "{:.1%}"),
+               Metric("check_loss_rate_vs_parent", "checks lost", "{:.1%}"),
+               Metric("judge_win_rate_vs_parent", "judge won", "{:.1%}"),
+               Metric("judge_loss_rate_vs_parent", "judge lost", "{:.1%}"),
+               Metric("rm_win_rate_vs_parent", "RM says won", "{:.1%}"),
+               Metric("rm_loss_rate_vs_parent", "RM says lost", "{:.1%}"))
 
 
 def columns(run: dict[str, Any]) -> list[Metric]:
-    """The evaluation columns, then the headline metrics of the run's stage types (registry), then win rates."""
-    found = [*EVALUATION_COLUMNS]
+    """The evaluation columns with one pass rate per configured check (``NAME_rate``), the headline metrics of
+    the run's stage types (registry), then win rates."""
+    found = [*EVALUATION_COLUMNS, *(Metric(f"{name}_rate", name.replace("_", " "), "{:.1%}")
+                                    for name in run.get("checks", []))]
     for stage_type in dict.fromkeys(s.get("type") for s in run.get("stages", [])):
         stage = registry.find(stage_type)
         found += [m for m in (stage.headline if stage else ()) if m.key not in {c.key for c in found}]
@@ -127,7 +136,9 @@ def metrics_by_stage(run: dict[str, Any], path: Path) -> bool:
 
     policy_rows = [r for r in rows(run) if r["type"] == "base" or _is_policy(r["type"])]
     series = {"task accuracy": [r["metrics"].get("task_accuracy") for r in policy_rows],
-              "win rate vs parent": [r["metrics"].get("win_rate_vs_parent") for r in policy_rows]}
+              "checks: win rate vs parent": [r["metrics"].get("check_win_rate_vs_parent") for r in policy_rows],
+              **{f"{name} rate": [r["metrics"].get(f"{name}_rate") for r in policy_rows]
+                 for name in run.get("checks", [])}}
     series = {k: v for k, v in series.items() if any(x is not None for x in v)}
     if not series:
         return False
@@ -180,8 +191,13 @@ def write_report(run_dir: Path, run: dict[str, Any], console=None) -> Path:
              "## Metrics after each stage", "", markdown_table(run), "",
              "Task acc: exact match on held-out prompts. ppl: held-out perplexity. RM acc: the reward model scores "
              "the chosen reply above the rejected one on held-out pairs. DPO acc: the same for DPO's implicit reward. "
-             "Wins/losses: the reward model scores this policy's reply above/below its parent's on the same "
-             "held-out prompt (ties are the rest).", ""]
+             + (f"Check columns ({', '.join(run['checks'])}): share of replies to the held-out prompts that pass "
+                "the check, among those it applies to. " if run.get("checks") else "")
+             + "Win rates compare each policy's reply with its parent's on the same held-out prompt (ties are the "
+             "rest). Checks won/lost: the reply passing more of the applicable program checks wins. Judge won/lost: "
+             "the configured independent judge, asked in both orders (a tie when they disagree). RM says won/lost: "
+             "the trained reward model's opinion; a stage that learned from pairs it picked has learned to please it.",
+             ""]
     if loss_curves(run_dir, run, plots / "loss_curves.png"):
         parts += ["## Loss curves", "", "![loss curves](plots/loss_curves.png)", ""]
     if metrics_by_stage(run, plots / "metrics_by_stage.png"):

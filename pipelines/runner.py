@@ -112,11 +112,13 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
                 raise
             lineage.record(record)
 
-    judge = pipeline.evaluation.judge or next(
+    reward_stage = pipeline.evaluation.reward_model or next(
         (s.name for s in pipeline.stages if registry.get(s.type).produces_reward_model), None)
+    reward_stage = None if reward_stage == "none" else reward_stage
+    lineage.data["checks"] = [check.name for check in evaluator.checks]
     barrier()
-    if judge and pipeline.evaluation.prompts and is_main_process():  # reads replies only main wrote
-        win_rates = evaluator.win_rates(run_dir_path / judge, lineage.data)
+    if pipeline.evaluation.prompts and is_main_process():  # reads replies only main wrote
+        win_rates = evaluator.win_rates(lineage.data, run_dir_path / reward_stage if reward_stage else None)
         for stage in lineage.data["stages"]:
             if stage["name"] in win_rates:
                 stage.setdefault("evaluation", {}).setdefault("metrics", {}).update(win_rates[stage["name"]])

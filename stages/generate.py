@@ -27,7 +27,7 @@ from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import generate
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.core.judges import check_outcomes, column_lists, pass_rates
+from stages.core.judges import check_outcomes, check_rates, column_lists
 from stages.core.rewards import Reward, RewardSpec, check_rewards, load_rewards
 from stages.core.stage import Metric, Stage
 from stages.core.training import StageOutput, is_main_process
@@ -175,7 +175,7 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
                "mean_best_score": sum(max(flat_scores[i * n:(i + 1) * n]) for i in range(len(prompts))) / len(prompts),
                "mean_score": sum(flat_scores) / len(flat_scores)}
     # how often the policy's samples pass: what the pairs had to work with
-    metrics.update({f"sample_{name}": rate for name, rate in pass_rates(sampled).items()})
+    metrics.update({f"sample_{name}": rate for name, rate in check_rates(sampled).items()})
     if is_main_process():
         with open(output.staging / "dataset.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:

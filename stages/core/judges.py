@@ -73,7 +73,7 @@ def check_outcomes(checks: Sequence[Reward], prompts: Sequence, completions: Seq
     return outcomes
 
 
-def pass_rates(outcomes: Sequence[Mapping[str, bool | None]]) -> dict[str, float | None]:
+def check_rates(outcomes: Sequence[Mapping[str, bool | None]]) -> dict[str, float | None]:
     """``{name}_rate`` per check: passes over the rows where it applies (None where it applied nowhere)."""
     rates: dict[str, float | None] = {}
     for name in dict.fromkeys(k for outcome in outcomes for k in outcome):

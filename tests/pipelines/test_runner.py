@@ -123,7 +123,7 @@ def test_whole_chain_runs_once_and_then_comes_from_cache(tmp_path, tiny_model_di
     assert by_name["sft"]["init_from"] == "cpt" and by_name["dpo"]["init_from"] == "sft"
     assert by_name["dpo"]["parents"] == ["generate", "rm", "sft"]
     assert "task_accuracy" in by_name["sft"]["evaluation"]["metrics"]
-    assert {"wins", "losses", "ties"} <= set(by_name["dpo"]["evaluation"]["metrics"])
+    assert {"rm_wins", "rm_losses", "rm_ties", "rm_win_rate_vs_parent"} <= set(by_name["dpo"]["evaluation"]["metrics"])
     for name in by_name:
         assert (run_dir / name / "manifest.json").exists(), name
     generated = [json.loads(line) for line in (run_dir / "generate" / "dataset.jsonl").read_text().splitlines()]
@@ -133,6 +133,43 @@ def test_whole_chain_runs_once_and_then_comes_from_cache(tmp_path, tiny_model_di
 
     run_dir = run_pipeline(path)
     assert set(statuses(run_dir).values()) == {"cached"}
+
+
+def test_checks_and_an_endpoint_judge_score_every_policy_against_its_parent(tmp_path, tiny_model_dir, data,
+                                                                           monkeypatch):
+    from tests.stages.core.test_judges import serve_chat_completions
+
+    prompts = write_jsonl(tmp_path / "checked.jsonl", [{"prompt": f"Question {i}?", "sign_off": "Support" if i else ""}
+                                                       for i in range(3)])
+    evaluation = {"prompts": str(prompts), "max_new_tokens": 4,
+                  "checks": [{"fn": "length", "args": {"max": 10000}, "name": "bounded"},
+                             {"fn": "ends_with", "args": {"column": "sign_off"}, "name": "sign_off"}]}
+    stages = [sft_stage(data, "sft"), sft_stage(data, "sft2", gates=["sign_off_rate >= parent.sign_off_rate",
+                                                                      "bounded_rate >= 1"])]
+    with serve_chat_completions(rule=lambda a, b: "A") as server:  # position bias only: every judged pair ties
+        monkeypatch.setenv("TEST_JUDGE_KEY", "sk-1")
+        evaluation["judge"] = {"url": f"http://127.0.0.1:{server.server_address[1]}/v1", "endpoint_model": "judge",
+                               "api_key_env": "TEST_JUDGE_KEY"}
+        run_dir = run_pipeline(write_pipeline(tmp_path, tiny_model_dir, data, stages, evaluation=evaluation))
+
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["checks"] == ["bounded", "sign_off"]
+    base = run["base_evaluation"]["metrics"]
+    assert base["bounded_rate"] == 1.0 and base["sign_off_rate"] == 0.0  # two rows expect a sign-off; none has it
+    sft2 = {s["name"]: s for s in run["stages"]}["sft2"]
+    assert sft2["gates"] == ["sign_off_rate 0 >= 0", "bounded_rate 1 >= 1"]
+    metrics = sft2["evaluation"]["metrics"]
+    assert (metrics["check_wins"], metrics["check_losses"], metrics["check_ties"]) == (0, 0, 3)
+    assert metrics["judge_wins"] == metrics["judge_losses"] == 0 and metrics["judge_ties"] == 3
+    replies = {name: json.loads((run_dir / "eval" / f"{name}.json").read_text()) for name in ("base", "sft", "sft2")}
+    differing = sum(a["reply"] != b["reply"] for mine, parent in (("sft", "base"), ("sft2", "sft"))
+                    for a, b in zip(replies[mine], replies[parent]))
+    assert len(server.requests) == 2 * differing  # each differing pair asked in both orders, identical ones never
+    assert not any(name.startswith("rm_") for name in metrics)  # no reward stage: no trained-RM opinion
+    assert [r["checks"] for r in replies["sft2"]] == [{"bounded": True, "sign_off": None}] + \
+        [{"bounded": True, "sign_off": False}] * 2
+    report = (run_dir / "report.md").read_text()
+    assert "| sign off |" in report.replace("| bounded ", "") and "checks won" in report and "judge won" in report
 
 
 def test_cache_reruns_a_changed_stage_and_its_descendants_only(tmp_path, tiny_model_dir, data, monkeypatch):

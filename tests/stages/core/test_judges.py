@@ -1,5 +1,6 @@
 """The independent judges: program-check verdicts, and a pairwise judge asked in both orders."""
 
+import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,15 +38,24 @@ class ChatCompletions(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def endpoint():
+@contextlib.contextmanager
+def serve_chat_completions(rule=lambda a, b: "A"):
+    """The stand-in server on a free loopback port; yields its base URL (``.../v1``)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
-    server.requests, server.rule = [], lambda a, b: "A"
+    server.requests, server.rule = [], rule
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    with serve_chat_completions() as server:
+        yield server
 
 
 def endpoint_judge(server, monkeypatch, **extra):
