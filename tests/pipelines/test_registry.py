@@ -65,7 +65,9 @@ def test_a_registered_stage_is_a_subcommand_a_pipeline_type_and_a_report_column(
 
 def test_report_columns_follow_the_stage_types_of_the_run(echo_registered):
     sft_only = [m.title for m in report.columns({"stages": [{"type": "sft"}]})]
-    assert sft_only == ["task acc", "ppl", "eval loss", "wins", "lost"]
-    with_rm_and_dpo = [m.title for m in report.columns({"stages": [{"type": "rm"}, {"type": "dpo"}]})]
-    assert with_rm_and_dpo == ["task acc", "ppl", "eval loss", "RM acc", "DPO acc", "wins", "lost"]
+    wins = ["checks won", "checks lost", "judge won", "judge lost", "RM says won", "RM says lost"]
+    assert sft_only == ["task acc", "ppl", "eval loss", *wins]
+    with_rm_and_dpo = [m.title for m in report.columns({"stages": [{"type": "rm"}, {"type": "dpo"}],
+                                                        "checks": ["sign_off"]})]
+    assert with_rm_and_dpo == ["task acc", "ppl", "sign off", "eval loss", "RM acc", "DPO acc", *wins]
     assert registry.get("rm").headline[1].render(0.875) == "87.5%" and Metric("n", "n", "{:d}").render(3.0) == "3"
