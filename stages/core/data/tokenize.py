@@ -123,8 +123,8 @@ def tokenize_records(tokenizer, records: Sequence[dict], *, max_length: int | No
 
     Tokenized by ``Dataset.map`` (batched, ``num_proc`` processes) under accelerate's
     ``main_process_first``, as TRL prepares its own datasets. Records travel into the map as JSON
-    text: Arrow would merge the keys of nested objects across rows (a tool call's ``arguments`` would
-    gain every other call's keys as nulls) and the template would render those.
+    text: Arrow gives every nested object the keys of all the others (each plain message would carry
+    ``tool_calls: None``, which a template testing ``is defined`` renders).
     """
     from accelerate import PartialState
     from datasets import Dataset
