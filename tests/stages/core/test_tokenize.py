@@ -24,7 +24,7 @@ def test_two_processes_tokenize_exactly_as_one(tokenizer):
     assert one_report.summary() == two_report.summary() and one_report.kept == 300
 
     records[280]["messages"] = records[280]["messages"][:1]
-    with pytest.raises(DataError, match=r"chat\.jsonl:401: the conversation has no assistant message"):
+    with pytest.raises(DataError, match=r"chat\.jsonl:281: the conversation has no assistant message"):
         tokenize_records(tokenizer, records, max_length=None, num_proc=2)
 
 
