@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.core.compat import has_reference_adapter
 from stages.core.config import field
 from stages.core.data import DatasetSpec
 from stages.core.errors import ConfigError
@@ -168,7 +169,7 @@ def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Pa
     trial = prompts.train[:4]  # a stand-in reply, passed the way GRPOTrainer passes replies
     check_rewards(rewards, [r["prompt"] for r in trial], [[{"role": "assistant", "content": "ok"}]] * len(trial),
                   {**prompts.column_values(trial), "completion_ids": [base.tokenizer("ok")["input_ids"]] * len(trial)})
-    train_dataset = Dataset.from_list([{k: v for k, v in r.items()} for r in prompts.train])
+    train_dataset = Dataset.from_list(prompts.train)  # prompt + the columns each reward is passed
     output.mark("data", started)
 
     # ---- model: the policy adapter, and the reward model beside it on the same base ---------------
@@ -199,7 +200,7 @@ def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Pa
             model=model, reward_funcs=list(rewards), args=args, train_dataset=train_dataset,
             processing_class=base.tokenizer, callbacks=callbacks(training, has_eval=False, title="grpo")))
         reference = ("none (beta 0)" if config.beta == 0 else
-                     "adapter copy 'ref' (the incoming adapter, frozen)" if "ref" in model.peft_config
+                     "adapter copy 'ref' (the incoming adapter, frozen)" if has_reference_adapter(model)
                      else "base (adapters disabled)")
         result = fit(trainer, output, training)
 
@@ -210,8 +211,7 @@ def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Pa
         metrics: dict[str, Any] = {
             "generation": backend, "reference": reference, "loss_type": config.loss_type,
             "importance_sampling_level": config.importance_sampling_level,
-            "rewards": {r.name: {"fn": getattr(getattr(r, "spec", None), "fn", str(config.reward_model)),
-                                 "weight": r.weight} for r in rewards},
+            "rewards": {r.name: {"fn": r.fn, "weight": r.weight} for r in rewards},
             "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
             "steps": trainer.state.global_step,
             "seconds_per_step": (result.metrics.get("train_runtime") or 0) / max(trainer.state.global_step, 1),

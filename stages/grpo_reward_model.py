@@ -64,6 +64,7 @@ class RewardModelReward:
         self.name = self.__name__ = name  # TRL logs it as rewards/<name>/mean
         self.weight = weight
         self.path = rm_dir
+        self.fn = f"reward model {rm_dir}"
 
     def __repr__(self) -> str:
         return f"RewardModelReward({self.name!r}, path={str(self.path)!r}, weight={self.weight})"

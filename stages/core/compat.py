@@ -12,6 +12,16 @@ def attention_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
+# TRL's DPO/KTO/GRPO trainers, given a PeftModel that already has an adapter and no ref_model, copy that adapter
+# under this name and switch to it for the reference forward (trl/trainer/grpo_trainer.py, dpo_trainer.py).
+TRL_REFERENCE_ADAPTER = "ref"
+
+
+def has_reference_adapter(model) -> bool:
+    """Whether TRL put its frozen reference copy of the policy adapter on ``model``."""
+    return TRL_REFERENCE_ADAPTER in getattr(model, "peft_config", {})
+
+
 def log_trainer_metrics(trainer, mode: str, values: dict[str, float]) -> None:
     """Append to the per-step metrics TRL's trainers average and log (``trainer._metrics[mode]``)."""
     metrics = trainer._metrics[mode]

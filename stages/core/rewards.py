@@ -96,7 +96,7 @@ class Reward:
     def __init__(self, spec: RewardSpec, function: Callable, *, where: str | None = None):
         self.spec, self.function = spec, function
         self.name = self.__name__ = spec.name
-        self.weight = spec.weight
+        self.fn, self.weight = spec.fn, spec.weight
         self.where = where
         parameters = inspect.signature(function).parameters.values()
         self._takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)

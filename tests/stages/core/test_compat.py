@@ -31,3 +31,16 @@ def test_dpo_trainer_still_has_what_the_packed_trainer_overrides_and_logs():
     assert "self.compute_ref_log_probs(model, padded_batch)" in source, (
         "TRL's reference precompute no longer calls compute_ref_log_probs per collated batch: the packed "
         "trainer's override would be skipped")
+
+
+def test_trl_still_names_its_reference_adapter_copy_ref():
+    from trl import GRPOTrainer
+
+    from stages.core.compat import TRL_REFERENCE_ADAPTER
+
+    source = inspect.getsource(GRPOTrainer.__init__)
+    assert f'model.add_adapter("{TRL_REFERENCE_ADAPTER}"' in source, (
+        "TRL's GRPOTrainer no longer adds its reference adapter copy under this name: update "
+        "stages.core.compat.TRL_REFERENCE_ADAPTER")
+    assert f'use_adapter(model, adapter_name="{TRL_REFERENCE_ADAPTER}"' in inspect.getsource(GRPOTrainer), (
+        "TRL's GRPOTrainer no longer switches to the reference adapter by this name: update stages.core.compat")
