@@ -40,6 +40,7 @@ from stages.core.config import field
 from stages.core.data import DatasetSpec
 from stages.core.errors import ConfigError
 from stages.core.evaluation import generate
+from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.prompts import PromptSet, load_prompts
 from stages.core.rewards import RewardSpec, check_rewards, load_rewards, pass_rates
@@ -152,6 +153,7 @@ class GRPOConfig:
         return batch
 
 
+@borrows_base
 def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a GRPO adapter on ``base`` from ``adapter`` (or a fresh one); return the output directory."""
     from datasets import Dataset
