@@ -38,7 +38,9 @@ def _stage_parser(sub, stage) -> None:
                                         "training.learning_rate=1e-4; adapter=PATH starts from a saved adapter.")
     parser.add_argument("--config", required=False, help=f"YAML recipe (e.g. configs/{stage.name}.yaml)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    restart.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoints and start over")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
 
 
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", default=[], metavar="stage.key=value")
     run.add_argument("--run-dir", help="where the run lives (default: from the pipeline file)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
+    run.add_argument("--restart", action="store_true",
+                     help="stages that re-run discard an interrupted run's checkpoints instead of resuming from them")
 
     status = sub.add_parser("status", help="Show the stages, cache keys and metrics of a run.")
     status.add_argument("run_dir")
@@ -101,11 +105,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipelines.single import run_stage_command
 
         return run_stage_command(args.command, args.config, args.overrides, resume=args.resume,
-                                 help_config=args.help_config)
+                                 restart=args.restart, help_config=args.help_config)
     if args.command == "run":
         from pipelines.runner import run_command
 
-        return run_command(args.pipeline, args.overrides, run_dir=args.run_dir, force=args.force)
+        return run_command(args.pipeline, args.overrides, run_dir=args.run_dir, force=args.force,
+                           restart=args.restart)
     if args.command == "status":
         from pipelines.runner import status_command
 

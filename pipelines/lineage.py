@@ -24,7 +24,7 @@ from stages.core.training import git_commit, is_main_process, package_versions, 
 if TYPE_CHECKING:
     from pipelines.plan import PipelineConfig
 
-VOLATILE_KEYS = {"output_dir", "resume", "report_to", "logging_steps"}
+VOLATILE_KEYS = {"output_dir", "resume", "restart", "report_to", "logging_steps"}
 
 
 def _without_volatile(value: Any) -> Any:

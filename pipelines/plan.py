@@ -143,7 +143,7 @@ def previous_policy(stages: list[StageEntry], index: int) -> str | None:
 
 
 def resolve_stage(pipeline: PipelineConfig, index: int, overrides: list[str], keys: dict[str, str],
-                  fingerprint: str) -> PlannedStage:
+                  fingerprint: str, *, restart: bool = False) -> PlannedStage:
     entry = pipeline.stages[index]
     run_dir = Path(pipeline.run_dir)
     stage = registry.get(entry.type)
@@ -160,7 +160,10 @@ def resolve_stage(pipeline: PipelineConfig, index: int, overrides: list[str], ke
     if stage.has_training:
         data.setdefault("training", {})["output_dir"] = str(output_dir)
         partial = output_dir.with_name(output_dir.name + ".partial") / "checkpoints"
-        data["training"]["resume"] = partial.is_dir() and any(partial.glob("checkpoint-*"))
+        # Re-running a pipeline continues an interrupted stage; --restart discards its checkpoints instead.
+        interrupted = partial.is_dir() and any(partial.glob("checkpoint-*"))
+        data["training"]["resume"] = interrupted and not restart
+        data["training"]["restart"] = interrupted and restart
     else:
         data["output_dir"] = str(output_dir)
     for key, source in entry.inputs.items():

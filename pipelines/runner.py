@@ -33,6 +33,7 @@ from pipelines.lineage import Lineage, is_cached, now, stage_metrics
 from pipelines.plan import PlannedStage, load_pipeline, resolve_stage
 from stages import registry
 from stages.core.errors import ConfigError, LorelayError, did_you_mean
+from stages.core.locks import lock_directory
 from stages.core.modeling import load_base
 from stages.core.training import barrier, is_main_process
 
@@ -40,11 +41,14 @@ __all__ = ["GateFailed", "load_pipeline", "run_pipeline", "run_command", "status
 
 
 def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_dir: str | None = None,
-                 force: list[str] = (), console=None) -> Path:
-    """Run (or continue) a pipeline; return the run directory."""
-    from rich.console import Console
+                 force: list[str] = (), restart: bool = False, console=None) -> Path:
+    """Run (or continue) a pipeline; return the run directory.
 
-    from pipelines import evaluate, report
+    The run directory is locked for the whole run (``stages.core.locks``): a second ``lorelay run`` on it
+    stops at once, naming this one. ``restart``: a stage that re-runs discards the checkpoints an
+    interrupted earlier run left, instead of resuming from them.
+    """
+    from rich.console import Console
 
     console = console or Console()
     pipeline, stage_overrides = load_pipeline(pipeline_path, list(overrides))
@@ -56,6 +60,17 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
                           hint=did_you_mean(unknown[0], [s.name for s in pipeline.stages]))
     run_dir_path = Path(pipeline.run_dir)
     run_dir_path.mkdir(parents=True, exist_ok=True)
+    lock = lock_directory(run_dir_path, purpose="run directory") if is_main_process() else None
+    try:
+        return _run(pipeline, pipeline_path, stage_overrides, run_dir_path, force, restart, console)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(pipeline, pipeline_path, stage_overrides: dict[str, list[str]], run_dir_path: Path, force, restart: bool,
+         console) -> Path:
+    from pipelines import evaluate, report
 
     console.rule(f"[bold]lorelay run[/bold] {pipeline.name} -> {run_dir_path}")
     base = load_base(pipeline.base.model)
@@ -73,7 +88,8 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
     evaluations: dict[str, dict] = {"base": lineage.data["base_evaluation"]}
     for index, entry in enumerate(pipeline.stages):
         barrier()  # stage boundary: the main process has committed the previous stage and run.json
-        planned = resolve_stage(pipeline, index, stage_overrides.get(entry.name, []), keys, base.fingerprint)
+        planned = resolve_stage(pipeline, index, stage_overrides.get(entry.name, []), keys, base.fingerprint,
+                                restart=restart)
         keys[entry.name] = planned.key
         previous = lineage.previous_stages.get(entry.name)
         adapter = run_dir_path / planned.adapter_from if planned.adapter_from else None
@@ -147,8 +163,9 @@ def _flat(lineage: Lineage, name: str) -> dict[str, Any]:
     return {}
 
 
-def run_command(pipeline: str, overrides: list[str], *, run_dir: str | None = None, force: list[str] = ()) -> int:
-    run_pipeline(pipeline, overrides, run_dir=run_dir, force=force)
+def run_command(pipeline: str, overrides: list[str], *, run_dir: str | None = None, force: list[str] = (),
+                restart: bool = False) -> int:
+    run_pipeline(pipeline, overrides, run_dir=run_dir, force=force, restart=restart)
     return 0
 
 

@@ -10,6 +10,7 @@ from stages.core.config import load_config
 from stages.core.errors import LorelayError
 from stages.core.stage import Stage
 from stages.core.storage import check_output_dir, disk_faults
+from stages.core.training import check_interrupted, stage_output_dir
 
 
 def split_adapter(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -26,7 +27,7 @@ def split_adapter(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_stage_command(name: str, config_path: str | None, overrides: list[str], *, resume: bool = False,
-                      help_config: bool = False) -> int:
+                      restart: bool = False, help_config: bool = False) -> int:
     from stages.core.modeling import load_base
 
     stage = registry.get(name)
@@ -38,11 +39,17 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
     adapter, overrides = split_adapter(list(overrides))
     if resume:
         overrides.append("training.resume=true")
+    if restart:
+        overrides.append("training.restart=true")
     config = load_config(stage.config_class, config_path, overrides)
     training = getattr(config, "training", None)
     output_field = "training.output_dir" if training is not None else "output_dir"
-    output_dir = Path(training.output_dir if training is not None else config.output_dir)
-    check_output_dir(output_dir, field=output_field)  # before the model loads, not after training
+    output_dir = stage_output_dir(training.output_dir if training is not None else config.output_dir, stage.name)
+    # Before the model loads, not after training: a bad directory, another run writing it, or an
+    # interrupted run's checkpoints that neither --resume nor --restart says what to do with.
+    check_output_dir(output_dir, field=output_field)
+    if training is not None:
+        check_interrupted(output_dir, resume=training.resume, restart=training.restart)
     base = load_base(config.model)
     with disk_faults(output_dir, field=output_field):
         output_dir = stage.run(config, base, adapter=adapter)

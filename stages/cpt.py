@@ -115,7 +115,8 @@ def run(config: CPTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     training, data = config.training, config.data
     lora = settings_from_adapter(adapter) if adapter is not None else config.lora
     check_new_tokens(base, lora, config.new_tokens, adapter)
-    output = StageOutput(training.output_dir, stage="cpt", resume=training.resume)
+    output = StageOutput(training.output_dir, stage="cpt", resume=training.resume,
+                         restart=training.restart)
 
     # ---- tokenizer: new tokens grow the shared base's embeddings, before any adapter --------------
     vocabulary = extend_vocabulary(base, config.new_tokens)

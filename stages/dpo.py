@@ -282,7 +282,8 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
     training, data = config.training, config.data
     method = METHODS[config.method]
-    output = StageOutput(training.output_dir, stage="dpo", resume=training.resume)
+    output = StageOutput(training.output_dir, stage="dpo", resume=training.resume,
+                         restart=training.restart)
     judge_dir = _reward_model_dir(config)
 
     # ---- data: load, validate, mix, split; held-out prompts for the win rate --------------------

@@ -161,7 +161,8 @@ def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Pa
     from trl import GRPOTrainer
 
     training = config.training
-    output = StageOutput(training.output_dir, stage="grpo", resume=training.resume)
+    output = StageOutput(training.output_dir, stage="grpo", resume=training.resume,
+                         restart=training.restart)
     backend = generation_backend(config, base)
 
     # ---- data and rewards: everything checked before the model is touched --------------------------

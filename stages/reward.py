@@ -93,7 +93,8 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
     from trl import RewardTrainer
 
     training, data = config.training, config.data
-    output = StageOutput(training.output_dir, stage="rm", resume=training.resume)
+    output = StageOutput(training.output_dir, stage="rm", resume=training.resume,
+                         restart=training.restart)
 
     # ---- data: load, validate, mix, split, tokenize each side as one conversation ---------------
     started = time.time()

@@ -81,7 +81,8 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     SFTTrainer = sft_trainer_class()
 
     training, data = config.training, config.data
-    output = StageOutput(training.output_dir, stage="sft", resume=training.resume)
+    output = StageOutput(training.output_dir, stage="sft", resume=training.resume,
+                         restart=training.restart)
 
     # ---- data: load, validate, mix, split, tokenize with assistant masks -----------------------
     started = time.time()

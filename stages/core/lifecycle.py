@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import LorelayError
+from stages.core.locks import released_on_error
 
 TOKENIZER_SIDES = ("padding_side", "truncation_side")
 
@@ -115,11 +116,12 @@ def borrow(base, adapter: str | Path | None = None) -> Iterator[Any]:
 
 
 def borrows_base(run):
-    """Decorate a stage's ``run(config, base, adapter=None)``: the whole stage borrows ``base``."""
+    """Decorate a stage's ``run(config, base, adapter=None)``: the whole stage borrows ``base``, and when it
+    fails, the output directory it locked is free again (``stages.core.locks.released_on_error``)."""
 
     @functools.wraps(run)
     def borrowing_run(config, base, adapter=None, **kwargs):
-        with borrow(base, adapter):
+        with released_on_error(), borrow(base, adapter):
             return run(config, base, adapter, **kwargs)
 
     return borrowing_run

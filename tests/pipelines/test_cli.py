@@ -66,4 +66,4 @@ def test_help_config_shows_whole_keys_literal_brackets_and_yaml_defaults(width):
         assert key in text, f"key '{key}' is cut at width {width}"
     flat = " ".join(text.replace("│", " ").split())
     assert "e.g. [embed_tokens, lm_head]" in flat  # rich would read [embed_tokens, lm_head] as a style tag
-    assert "PosixPath" not in text and "outputs/stage" in text and "null" in text
+    assert "PosixPath" not in text and "outputs/<stage>" in text and "null" in text

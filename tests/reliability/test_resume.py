@@ -11,6 +11,7 @@ import signal
 import pytest
 from transformers import Trainer, TrainerCallback
 
+from stages.core.errors import LorelayError
 from stages.sft import run
 from stages.core.training import CHECKPOINT_MANIFEST, Interrupted, TrainingConfig, last_checkpoint, verify_output
 from tests.reliability.helpers import (assert_same_adapter, base, chat_file, checkpoints,  # noqa: F401
@@ -127,10 +128,34 @@ def test_a_finished_stage_holds_no_pickle_files(reference):
     assert not pickles
 
 
-def test_an_interrupted_run_without_resume_discards_its_checkpoints_with_a_note(tmp_path, capsys):
+def test_an_interrupted_run_keeps_its_checkpoints_until_resume_or_restart_and_litter_goes(tmp_path, capsys):
     from stages.core.training import StageOutput
 
-    (tmp_path / "sft.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    StageOutput(tmp_path / "sft", stage="sft")
-    assert "pass --resume to continue it" in capsys.readouterr().err
+    checkpoints = tmp_path / "sft.partial" / "checkpoints"
+    (checkpoints / "checkpoint-2").mkdir(parents=True)
+    (checkpoints / ".incomplete" / "checkpoint-4").mkdir(parents=True)  # a save the kill interrupted
+    with pytest.raises(LorelayError, match=r"interrupted earlier run left checkpoints.*checkpoint-2.*kept") as err:
+        StageOutput(tmp_path / "sft", stage="sft")
+    assert "--resume" in err.value.hint and "--restart" in err.value.hint
+    assert (checkpoints / "checkpoint-2").is_dir()
+
+    StageOutput(tmp_path / "sft", stage="sft", resume=True)
+    assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints / ".incomplete").exists()
+
+    StageOutput(tmp_path / "sft", stage="sft", restart=True)
+    assert "--restart: discarding" in capsys.readouterr().err
     assert not (tmp_path / "sft.partial").exists()
+
+
+def test_the_cli_refuses_an_interrupted_stage_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    (tmp_path / "sft.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    monkeypatch.setattr("stages.core.modeling.load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = chat_file(tmp_path)
+    code = main(["sft", f"data.datasets=[{{path: '{data}'}}]", f"training.output_dir={tmp_path / 'sft'}"])
+    assert code == 2 and "pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "sft.partial" / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(SystemExit):
+        main(["sft", "--resume", "--restart"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -17,15 +17,15 @@ from stages.core.training.args import (Scheduler, TrainingConfig, available_trac
 from stages.core.training.checkpoints import (CHECKPOINT_MANIFEST, PENDING_CHECKPOINTS, checkpoint_bytes_needed,
                                               checkpoint_problem, last_checkpoint, seal_checkpoint)
 from stages.core.training.fitting import Interrupted, StopRequest, decay_steps, fit, resume_command
-from stages.core.training.outputs import (StageOutput, check_free_disk, file_checksums, fsync_dir, fsync_tree,
-                                          git_commit, package_versions, perplexity, sha256_of, trainable_parameters,
-                                          verify_output, write_durably)
+from stages.core.training.outputs import (StageOutput, check_free_disk, check_interrupted, file_checksums,
+                                          fsync_dir, fsync_tree, git_commit, package_versions, perplexity, sha256_of,
+                                          stage_output_dir, trainable_parameters, verify_output, write_durably)
 
 __all__ = [
     "CHECKPOINT_MANIFEST", "PENDING_CHECKPOINTS", "Interrupted", "Scheduler", "StageOutput", "StopRequest",
-    "TrainingConfig", "available_trackers", "barrier", "callbacks", "check_free_disk", "checkpoint_bytes_needed",
-    "checkpoint_problem", "decay_steps", "effective_batch", "file_checksums", "fit", "fsync_dir", "fsync_tree",
-    "git_commit", "is_main_process", "last_checkpoint", "package_versions", "perplexity", "quiet_trainer",
-    "resume_command", "say", "seal_checkpoint", "seed_everything", "sha256_of", "trainable_parameters",
-    "trainer_args", "verify_output", "world_size", "write_durably",
+    "TrainingConfig", "available_trackers", "barrier", "callbacks", "check_free_disk", "check_interrupted",
+    "checkpoint_bytes_needed", "checkpoint_problem", "decay_steps", "effective_batch", "file_checksums", "fit",
+    "fsync_dir", "fsync_tree", "git_commit", "is_main_process", "last_checkpoint", "package_versions", "perplexity",
+    "quiet_trainer", "resume_command", "say", "seal_checkpoint", "seed_everything", "sha256_of", "stage_output_dir",
+    "trainable_parameters", "trainer_args", "verify_output", "world_size", "write_durably",
 ]

@@ -24,7 +24,7 @@ Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cos
 
 @dataclasses.dataclass
 class TrainingConfig:
-    output_dir: Path = field(Path("outputs/stage"), help="Where the finished stage is written (atomically).")
+    output_dir: Path | None = field(None, help="Where the finished stage is written (atomically); default outputs/<stage>.")
     seed: int = field(42, help="Seed for data order, dropout and LoRA initialisation.")
     epochs: float = field(1.0, help="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = field(-1, help="Optimizer steps to run; -1 means use epochs.")
@@ -45,7 +45,8 @@ class TrainingConfig:
     save_total_limit: int = field(2, help="Checkpoints kept on disk.")
     early_stopping_patience: int | None = field(None, help="Stop after N evaluations without eval-loss improvement.")
     report_to: list[str] = field(default_factory=list, help="Trackers: tensorboard, wandb (used when installed).")
-    resume: bool = field(False, help="Continue from the last checkpoint in <output_dir>.partial.")
+    resume: bool = field(False, help="Continue from the last checkpoint in <output_dir>.partial (--resume).")
+    restart: bool = field(False, help="Discard the checkpoints an interrupted earlier run left and start over (--restart).")
     on_nonfinite: Literal["stop", "skip"] = field(
         "stop", help="A NaN/inf loss or gradient: stop, keeping the last good checkpoint, or skip that step "
                      "(counted in metrics.json; 6 bad steps in a row still stop).")
@@ -61,6 +62,9 @@ class TrainingConfig:
             raise ConfigError("must be in [0, 1)", field="warmup_ratio")
         if not 0.0 <= self.decay_ratio < 1.0:
             raise ConfigError("must be in [0, 1)", field="decay_ratio")
+        if self.resume and self.restart:
+            raise ConfigError("resume and restart exclude each other", field="restart",
+                              hint="--resume continues the interrupted run, --restart discards it")
         if self.early_stopping_patience is not None and self.eval_steps is None:
             raise ConfigError("early stopping needs periodic evaluation", field="early_stopping_patience",
                               hint="set training.eval_steps")

@@ -22,7 +22,8 @@ from typing import Any
 from stages import __version__
 from stages.core.config import to_dict
 from stages.core.errors import LorelayError
-from stages.core.training.args import effective_batch, is_main_process
+from stages.core.locks import lock_directory
+from stages.core.training.args import effective_batch, is_main_process, say
 
 
 def package_versions() -> dict[str, str]:
@@ -136,26 +137,43 @@ class StageOutput:
     ``output_dir`` that is not a lorelay stage is never replaced.
     """
 
-    def __init__(self, output_dir: str | Path, *, stage: str, resume: bool = False):
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str | Path | None, *, stage: str, resume: bool = False, restart: bool = False):
+        self.output_dir = stage_output_dir(output_dir, stage)
         self.stage = stage
         self.work_dir = self.output_dir.with_name(self.output_dir.name + ".partial")
         self._staging = self.work_dir / "result"
         self.started = time.time()
         self.timings: dict[str, float] = {}
+        self._check_replaceable()
+        # Only the main process writes (issue 7), so only it locks; the lock comes before any deletion.
+        self._lock = lock_directory(self.output_dir, purpose=f"{stage} output directory") if is_main_process() else None
+        try:
+            self._prepare(resume=resume, restart=restart)
+        except BaseException:
+            self.release()
+            raise
+
+    def _prepare(self, *, resume: bool, restart: bool) -> None:
         if is_main_process():
             self._recover_previous()
-        self._check_replaceable()
-        if self.work_dir.exists() and not resume:
-            if (self.work_dir / "checkpoints").is_dir():
-                print(f"lorelay: discarding the checkpoints of an unfinished earlier run in {self.work_dir} "
-                      "(pass --resume to continue it instead)", file=sys.stderr)
-            if is_main_process():  # under several processes only the main one deletes (issue 7)
-                shutil.rmtree(self.work_dir)
-        if self._staging.exists():
-            if is_main_process():
-                shutil.rmtree(self._staging)  # a half-assembled result from a crash is never reused
+        interrupted = check_interrupted(self.output_dir, resume=resume, restart=restart)
+        if is_main_process():
+            if interrupted and restart:
+                say(f"--restart: discarding the checkpoints of an interrupted earlier run ({interrupted})")
+            if self.work_dir.exists() and not resume:
+                shutil.rmtree(self.work_dir)  # nothing to resume from in it: leftovers of a crash
+            # Litter of interrupted saves is never resumed from: a checkpoint or result half written.
+            from stages.core.training.checkpoints import PENDING_CHECKPOINTS
+
+            for litter in (self._staging, self.work_dir / "checkpoints" / PENDING_CHECKPOINTS):
+                shutil.rmtree(litter, ignore_errors=True)
         check_free_disk(self.work_dir)
+
+    def release(self) -> None:
+        """Let other runs write this output directory again (``commit`` does it when the stage is done)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_replaceable(self) -> None:
         out = self.output_dir
@@ -222,7 +240,32 @@ class StageOutput:
         fsync_dir(self.output_dir.parent)
         shutil.rmtree(previous, ignore_errors=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.release()
         return self.output_dir
+
+
+def stage_output_dir(configured: str | Path | None, stage: str) -> Path:
+    """The output directory a stage writes: as configured, else ``outputs/<stage>``."""
+    return Path(configured) if configured else Path("outputs") / stage
+
+
+def check_interrupted(output_dir: str | Path, *, resume: bool, restart: bool) -> str | None:
+    """The newest checkpoint an interrupted earlier run left beside ``output_dir`` (None without one).
+
+    Without ``resume`` or ``restart`` such checkpoints are kept and the run is refused: hours of
+    training are not discarded by re-running the same command.
+    """
+    checkpoints = Path(output_dir).with_name(Path(output_dir).name + ".partial") / "checkpoints"
+    steps = sorted(int(p.name.rpartition("-")[2]) for p in checkpoints.glob("checkpoint-*")
+                   if p.is_dir() and p.name.rpartition("-")[2].isdigit()) if checkpoints.is_dir() else []
+    if not steps:
+        return None
+    newest = f"{checkpoints / f'checkpoint-{steps[-1]}'}"
+    if not resume and not restart:
+        raise LorelayError(f"an interrupted earlier run left checkpoints here (newest: {newest}); "
+                           "they are kept", file=checkpoints.parent,
+                           hint="pass --resume to continue from them, or --restart to discard them and start over")
+    return newest
 
 
 def check_free_disk(path: Path, needed_bytes: int = 512 << 20, *, purpose: str = "checkpoints") -> None:
