@@ -35,27 +35,10 @@ def tokenizer(smollm2_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer, saved as safetensors.
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer, saved as safetensors (``TINY_LLAMA``)."""
+    from stages.core.default_model import TINY_LLAMA, save_random_llama
 
-    initializer_range=0.2 (not 0.02) gives the tied embeddings enough norm that a LoRA adapter can
-    move the logits within a few steps, as it does on a real pretrained model.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), **TINY_LLAMA)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -96,3 +96,29 @@ def resolve_model_path(name: str) -> str:
     if name == DEFAULT_MODEL or name == "embedded":
         return str(default_model_dir())
     return name
+
+
+# The tests' and dry runs' model: 2 layers, 64 wide. initializer_range 0.2 (not 0.02) gives the tied
+# embeddings enough norm that a LoRA adapter can move the logits within a few steps, as on a real model.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                  initializer_range=0.2)
+
+
+def save_random_llama(directory: str | Path, **shape) -> Path:
+    """A randomly initialised Llama with the embedded model's tokenizer, saved as safetensors.
+
+    For tests, dry runs and benchmarks: the architecture is real, nothing is downloaded. ``shape`` holds
+    LlamaConfig fields (hidden_size, num_hidden_layers, ...); the vocabulary is the tokenizer's.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
