@@ -91,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None)
     push.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
     push.add_argument("--dry-run", action="store_true", help="print files and model card; no network")
+    push.add_argument("--merge-base", default="auto", choices=["auto", "dequantized", "original"],
+                      help="with --merged: as for `lorelay merge --base`")
 
-    merge = sub.add_parser("merge", help="Merge an adapter into an unquantized copy of its base.")
+    merge = sub.add_parser("merge", help="Merge an adapter into full weights of its base.")
     merge.add_argument("target", help="stage output directory")
     merge.add_argument("--out", required=True)
+    merge.add_argument("--base", default="auto", choices=["auto", "dequantized", "original"],
+                       help="dequantized: the 4-bit weights a QLoRA adapter trained on (its default); "
+                            "original: the full-precision checkpoint (the default for unquantized training)")
     return parser
 
 
@@ -129,11 +134,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipelines.hub import push_command
 
         return push_command(args.target, repo=args.repo, private=args.private, revision=args.revision,
-                            merged=args.merged, dry_run=args.dry_run)
+                            merged=args.merged, dry_run=args.dry_run, merge_base=args.merge_base)
     if args.command == "merge":
         from pipelines.hub import merge_command
 
-        return merge_command(args.target, out=args.out)
+        return merge_command(args.target, out=args.out, base=args.base)
     raise AssertionError(args.command)
 
 
@@ -152,6 +157,15 @@ def quiet_library_noise() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+
+
+PEER_LOSS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The symptom, when ``err`` is a collective failing because another process of the group died."""
+    text = str(err)
+    return next((symptom for symptom in PEER_LOSS if symptom in text), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorelay{where}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        if where and lost_peer(err):
+            # Not this process's fault: the other rank's own error (with its rank) says what happened.
+            print(f"lorelay{where}: error: another process of this run stopped mid-stage ({lost_peer(err)}); "
+                  "this one stops too. The stage's finished checkpoints are kept: fix the other process's "
+                  "error and re-run with --resume.", file=sys.stderr)
+            return 1
         if where:  # the traceback follows; accelerate then stops the other processes
             print(f"lorelay{where}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise

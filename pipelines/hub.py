@@ -93,11 +93,11 @@ class Upload:
 # ----------------------------------------------------------------------------------------------
 
 def push_command(target: str, *, repo: str, private: bool = False, revision: str | None = None,
-                 merged: bool = False, dry_run: bool = False) -> int:
+                 merged: bool = False, dry_run: bool = False, merge_base: str = "auto") -> int:
     """``lorelay push STAGE_OR_RUN_DIR --repo OWNER/NAME``."""
     stage_dir, run_info = resolve_target(target)
     result = push_stage(stage_dir, repo=repo, private=private, revision=revision, merged=merged,
-                        dry_run=dry_run, run_info=run_info)
+                        dry_run=dry_run, run_info=run_info, merge_base=merge_base)
     if dry_run:
         print(result)
     else:
@@ -105,10 +105,10 @@ def push_command(target: str, *, repo: str, private: bool = False, revision: str
     return 0
 
 
-def merge_command(target: str, *, out: str) -> int:
-    """``lorelay merge STAGE_DIR --out DIR``."""
+def merge_command(target: str, *, out: str, base: str = "auto") -> int:
+    """``lorelay merge STAGE_DIR --out DIR [--base dequantized|original]``."""
     stage_dir, run_info = resolve_target(target)
-    out_dir = merge_stage(stage_dir, out, run_info=run_info)
+    out_dir = merge_stage(stage_dir, out, base=base, run_info=run_info)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     total = sum(p.stat().st_size for p in files)
     print(f"lorelay: merged {stage_dir} into {out_dir} ({len(files)} files, {_size(total)})")
@@ -146,7 +146,8 @@ def resolve_target(target: str | Path) -> tuple[Path, dict[str, Any] | None]:
 # ----------------------------------------------------------------------------------------------
 
 def push_stage(stage_dir: str | Path, *, repo: str, private: bool = False, revision: str | None = None,
-               merged: bool = False, dry_run: bool = False, run_info: dict[str, Any] | None = None) -> str:
+               merged: bool = False, dry_run: bool = False, run_info: dict[str, Any] | None = None,
+               merge_base: str = "auto") -> str:
     """Upload a finished stage to ``repo``; return the commit URL (or, dry run, the listing and card)."""
     stage_dir = Path(stage_dir)
     check_repo_id(repo)
@@ -154,10 +155,19 @@ def push_stage(stage_dir: str | Path, *, repo: str, private: bool = False, revis
     if merged and model_card.is_reward_model(manifest):
         raise LorelayError("a reward model is an adapter plus a score head, not a causal LM: it cannot be merged",
                            file=stage_dir, hint="push it without --merged")
+    folder = None
+    if merged and not dry_run:
+        # Merge first (or reuse an earlier push's merge): the card reports how faithful the merge is.
+        folder = merged_cache_dir(stage_dir)
+        if folder.is_dir():
+            print(f"lorelay: reusing merged weights from an earlier push: {folder}", file=sys.stderr)
+        else:
+            merge_stage(stage_dir, folder, base=merge_base, write_card=False)
+        manifest = json.loads((folder / "manifest.json").read_text())
     card = model_card.render_card(manifest, repo=repo, stage_name=_stage_name(stage_dir, run_info),
                                   run_info=run_info, merged=merged, manifests=_run_manifests(stage_dir, run_info))
     if merged:
-        extras = merged_extras(stage_dir, card)
+        extras = merged_extras(stage_dir, card, manifest)
         files = extras + planned_merged_files(stage_dir, manifest)
     else:
         files = adapter_uploads(stage_dir, manifest, card)
@@ -177,7 +187,7 @@ def push_stage(stage_dir: str | Path, *, repo: str, private: bool = False, revis
                   repo=repo, token=token, source=source)
         message = f"lorelay push: {manifest.get('stage')} {'merged model' if merged else 'adapter'}"
         if merged:
-            url = _push_merged(api, stage_dir, extras, repo=repo, revision=revision, message=message,
+            url = _push_merged(api, folder, extras, repo=repo, revision=revision, message=message,
                                token=token, source=source)
         else:
             url = _call(f"upload to {repo}", lambda: _commit(api, repo, files, revision=revision, message=message),
@@ -222,12 +232,11 @@ def published_manifest(stage_dir: Path, files: list[Upload]) -> bytes:
     return (json.dumps(data, indent=2, default=str) + "\n").encode()
 
 
-def merged_extras(stage_dir: Path, card: str) -> list[Upload]:
-    """What goes next to merged weights: the card, the config, and the stage's manifest and metrics as written."""
-    manifest = json.loads((stage_dir / "manifest.json").read_text())
+def merged_extras(stage_dir: Path, card: str, manifest: dict[str, Any]) -> list[Upload]:
+    """What goes next to merged weights: the card, the config, the manifest (with its ``merge`` record) and metrics."""
     files = [Upload("README.md", card.encode()),
              Upload("lorelay_config.yaml", model_card.config_yaml(manifest).encode()),
-             Upload("manifest.json", stage_dir / "manifest.json")]
+             Upload("manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())]
     if (stage_dir / "metrics.json").is_file():
         files.append(Upload("metrics.json", stage_dir / "metrics.json"))
     return files
@@ -270,13 +279,8 @@ def _commit(api, repo: str, files: list[Upload], *, revision: str | None, messag
     return info.commit_url
 
 
-def _push_merged(api, stage_dir: Path, extras: list[Upload], *, repo: str,
+def _push_merged(api, folder: Path, extras: list[Upload], *, repo: str,
                  revision: str | None, message: str, token: str, source: str) -> str:
-    folder = merged_cache_dir(stage_dir)
-    if folder.is_dir():
-        print(f"lorelay: reusing merged weights from an earlier push: {folder}", file=sys.stderr)
-    else:
-        merge_stage(stage_dir, folder, write_card=False)
     for extra in extras:  # the card names the repo: rewritten on every push
         (folder / extra.path_in_repo).write_bytes(extra.read())
     url = _call(f"upload to {repo}", lambda: api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
@@ -404,22 +408,24 @@ def _refuse_read_only(user: dict[str, Any], repo: str) -> None:
 # merging
 # ----------------------------------------------------------------------------------------------
 
-def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str | int | None = None,
-                run_info: dict[str, Any] | None = None, write_card: bool = True) -> Path:
-    """Merge a stage's adapter into an unquantized copy of its base and save full safetensors shards.
+def merge_stage(stage_dir: str | Path, out: str | Path, *, base: str = "auto",
+                max_shard_size: str | int | None = None, run_info: dict[str, Any] | None = None,
+                write_card: bool = True) -> Path:
+    """Merge a stage's adapter into full weights and save safetensors shards (``stages.core.merging``).
 
+    ``base``: ``dequantized`` (the NF4 weights a QLoRA adapter trained on; the default for those),
+    ``original`` (the full-precision checkpoint; the default for adapters trained unquantized).
     The output directory appears complete or not at all (built in ``<out>.partial``, then renamed).
-    It holds the merged weights (``model*.safetensors``), config, tokenizer and chat template, and,
-    with ``write_card``, a model card, ``lorelay_config.yaml``, ``manifest.json`` and ``metrics.json``.
+    It holds the merged weights (``model*.safetensors``), config, tokenizer and chat template and a
+    ``manifest.json`` whose ``merge`` section records the merge base and the largest logit difference
+    from the adapter on the base as trained; with ``write_card``, a model card, ``lorelay_config.yaml``
+    and ``metrics.json`` too.
     """
-    import torch
-
-    from stages.core.lifecycle import use_adapter_vocabulary
-    from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+    from stages.core.merging import merged_model
 
     stage_dir, out = Path(stage_dir), Path(out)
     manifest = verify_output(stage_dir)
-    if model_card.is_reward_model(manifest):
+    if manifest.get("stage") == "rm":
         raise LorelayError("a reward model is an adapter plus a score head, not a causal LM: it cannot be merged",
                            file=stage_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -430,25 +436,21 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
 
-    config = merge_model_config(manifest)
-    base = load_base(ModelConfig(**config), device="cpu")
-    use_adapter_vocabulary(base, stage_dir)  # an adapter trained with new tokens needs their embedding rows
-    model = attach_adapter(base.model, LoraSettings(), init_from=stage_dir)
-    with torch.no_grad():
-        merged = model.merge_and_unload()
-    merged.config.use_cache = True  # the training load turned the KV cache off; generation wants it
+    merged, _, fidelity = merged_model(stage_dir, manifest, base=base)
     merged.save_pretrained(partial, max_shard_size=max_shard_size or MAX_SHARD_SIZE)
     for name in sorted(manifest.get("files", {})):
         if name not in NOT_MERGED and not (partial / name).exists():
             target = partial / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(stage_dir / name, target)
+    merged_manifest = {**manifest, "merge": fidelity}
+    (partial / "manifest.json").write_text(json.dumps(merged_manifest, indent=2, default=str) + "\n")
     if write_card:
-        card = model_card.render_card(manifest, repo=str(out), stage_name=_stage_name(stage_dir, run_info),
+        card = model_card.render_card(merged_manifest, repo=str(out), stage_name=_stage_name(stage_dir, run_info),
                                       run_info=run_info, merged=True, manifests=_run_manifests(stage_dir, run_info))
-        for extra in merged_extras(stage_dir, card):
+        for extra in merged_extras(stage_dir, card, merged_manifest):
             (partial / extra.path_in_repo).write_bytes(extra.read())
-    del merged, model, base
+    del merged
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -456,25 +458,14 @@ def merge_stage(stage_dir: str | Path, out: str | Path, *, max_shard_size: str |
     return out
 
 
-def merge_model_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields for loading the stage's base unquantized, in the dtype it trained in."""
-    base = manifest.get("base_model") or {}
-    recorded = (manifest.get("config") or {}).get("model") or {}
-    dtype = base.get("dtype") if base.get("dtype") in ("float32", "bfloat16", "float16") else "float32"
-    return {"name": base.get("name") or recorded.get("name"), "revision": recorded.get("revision"),
-            "quantization": "none", "dtype": dtype, "attn_implementation": "sdpa",
-            "activation_checkpointing": False,
-            "trust_remote_code": bool(recorded.get("trust_remote_code", False)),
-            "allow_pickle_weights": bool(recorded.get("allow_pickle_weights", False))}
-
-
 def planned_merged_files(stage_dir: Path, manifest: dict[str, Any]) -> list[tuple[str, int | None]]:
     """What a merge would write, without merging: weights estimated from the base's safetensors headers."""
-    config = merge_model_config(manifest)
-    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[config["dtype"]]
     from stages.core.default_model import resolve_model_path
+    from stages.core.merging import load_config_of
 
-    base_path = manifest.get("base_model", {}).get("path") or resolve_model_path(config["name"])
+    config = load_config_of(manifest, "none")
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[config.dtype]
+    base_path = manifest.get("base_model", {}).get("path") or resolve_model_path(config.name)
     parameters = _safetensors_parameters(Path(base_path)) if Path(base_path).is_dir() else None
     rows: list[tuple[str, int | None]] = [
         ("model*.safetensors (+ index when sharded)", parameters * bytes_per if parameters else None),

@@ -329,6 +329,18 @@ same from a stage directory.
 """
 
 
+def merge_sentence(merge: dict[str, Any] | None, quantization: str | None) -> str:
+    """How the merge was made and how faithful it is to the adapter as it was trained and evaluated."""
+    if merge is None:  # a dry run: the merge happens at upload
+        trained = f"a {quantization}-quantised base (QLoRA)" if quantization not in (None, "none") else "its base"
+        return f"The adapter was trained on {trained}; the merge is measured against it when it is made.\n"
+    into = ("the quantised base's weights dequantised to the compute dtype, the very values the adapter trained "
+            "against" if merge["merge_base"] == "dequantized" else "the original full-precision base weights")
+    return (f"Merged into {into}. Largest logit difference from the adapter on the base as trained "
+            f"({merge['reference']}), on {merge['prompts']} fixed prompts: {merge['max_logit_diff']:.3g} "
+            f"(logits up to {merge['logit_scale']:.3g}).\n")
+
+
 def render_card(manifest: dict[str, Any], *, repo: str, stage_name: str, run_info: dict[str, Any] | None = None,
                 merged: bool = False, manifests: list[dict[str, Any]] | None = None) -> str:
     """README.md for ``repo``: YAML metadata, lineage with metrics, reproduction, usage."""
@@ -353,9 +365,8 @@ def render_card(manifest: dict[str, Any], *, repo: str, stage_name: str, run_inf
     elif not hub_id:
         parts.append(f"The base model was a local directory (`{base_name}`), so `base_model` is not set: load "
                      "that model yourself before applying this adapter.\n")
-    if merged and base.get("quantization") not in (None, "none"):
-        parts.append(f"Training ran on a {base['quantization']}-quantised base (QLoRA); the merge used the "
-                     "unquantised base weights, as is usual for QLoRA adapters.\n")
+    if merged:
+        parts.append(merge_sentence(manifest.get("merge"), base.get("quantization")))
 
     parts.append("## Training lineage\n")
     if run_info:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.errors import LorelayError
+from stages.core.lifecycle import use_adapter_vocabulary
 from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
 
 MergeBase = Literal["auto", "dequantized", "original"]
@@ -88,6 +89,7 @@ def merged_model(stage_dir: Path, manifest: dict[str, Any], *, base: str = "auto
 
     # 1. the model that was trained and evaluated: the adapter on the base as it was loaded then
     reference_base = load_base(load_config_of(manifest, trained), device=device)
+    use_adapter_vocabulary(reference_base, stage_dir)  # an adapter trained with new tokens needs their rows
     tokenizer = reference_base.tokenizer
     reference = prompt_logits(attach_adapter(reference_base.model, LoraSettings(), init_from=stage_dir), tokenizer)
     del reference_base
@@ -95,12 +97,14 @@ def merged_model(stage_dir: Path, manifest: dict[str, Any], *, base: str = "auto
     # 2. the base to merge into
     if choice == "dequantized":
         merge_base = load_base(load_config_of(manifest, trained), device=device)
+        use_adapter_vocabulary(merge_base, stage_dir)
         # Before any forward pass: bitsandbytes' CPU backend repacks 4-bit weights in place at the first
         # forward, after which dequantizing them gives wrong values.
         model = merge_base.model.dequantize()
         model.to(merge_base.dtype)
     else:
         merge_base = load_base(load_config_of(manifest, "none"), device=device)
+        use_adapter_vocabulary(merge_base, stage_dir)
         model = merge_base.model
     import torch
 

@@ -456,16 +456,16 @@ def test_merged_push_uploads_full_weights_and_resumes_after_a_failure(hub, stage
                                atol=1e-4, rtol=0)
 
 
-def test_merge_loads_the_base_unquantized_in_its_training_dtype(stage_dir, tmp_path):
-    from pipelines.hub import merge_model_config
+def test_merge_loads_the_base_in_its_training_dtype(stage_dir, tmp_path):
+    from stages.core.merging import load_config_of
 
     qlora = {"stage": "sft", "base_model": {"name": "org/base", "quantization": "4bit", "dtype": "bfloat16"},
              "config": {"model": {"name": "embedded:smollm2-135m-instruct", "revision": "v1",
                                   "trust_remote_code": False}}}
-    config = merge_model_config(qlora)
-    assert config["name"] == "org/base" and config["revision"] == "v1"
-    assert (config["quantization"], config["dtype"]) == ("none", "bfloat16")
-    ModelConfig(**config)  # a valid model config
+    config = load_config_of(qlora, "none")
+    assert config.name == "org/base" and config.revision == "v1"
+    assert (config.quantization, config.dtype, config.activation_checkpointing) == ("none", "bfloat16", False)
+    assert load_config_of(qlora, "4bit").quantization == "4bit"
 
     reward = shutil.copytree(stage_dir, tmp_path / "rm")
     manifest = json.loads((reward / "manifest.json").read_text())
