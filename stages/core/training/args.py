@@ -97,7 +97,27 @@ def effective_batch(training) -> dict[str, Any]:
     return {"world_size": processes, "per_device_batch_size": per_device,
             "gradient_accumulation_steps": accumulation,
             "global_batch_size": per_device * accumulation * processes,
-            "learning_rate": training.learning_rate}
+            "learning_rate": training.learning_rate, "distributed": distributed_type()}
+
+
+def distributed_type() -> str:
+    """How accelerate really runs this process group: FSDP, DEEPSPEED, MULTI_GPU, MULTI_CPU or NO."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    return AcceleratorState().distributed_type.value if is_initialized() else "NO"
+
+
+def say_if_not_sharded() -> None:
+    """Say once when an FSDP launch config runs unsharded.
+
+    accelerate honours ``distributed_type: FSDP`` on accelerators only; on CPU it silently runs the same
+    launch as plain data parallel (``MULTI_CPU``): the result equals FSDP's, the memory is not sharded.
+    """
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    actual = distributed_type()
+    if requested and actual != "FSDP":
+        say(f"the launch config asks for FSDP, but accelerate runs it as {actual}: it shards only on GPUs and "
+            "other accelerators. Training is the same; parameters are not sharded.")
 
 
 def seed_everything(seed: int) -> None:

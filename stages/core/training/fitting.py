@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import LorelayError
-from stages.core.training.args import TrainingConfig, is_main_process, say
+from stages.core.training.args import TrainingConfig, is_main_process, say, say_if_not_sharded
 from stages.core.training.checkpoints import (atomic_save, checkpoint_bytes_needed, last_checkpoint,
                                               save_final_checkpoint, warn_on_changed_settings)
 from stages.core.training.outputs import StageOutput, check_free_disk
@@ -65,6 +65,7 @@ def fit(trainer, output: StageOutput, training: TrainingConfig):
 
     started = time.time()
     _set_decay_steps(trainer, training)
+    say_if_not_sharded()
     resume_from = None
     if training.resume:
         resume_from = last_checkpoint(output.work_dir)
