@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage (repeatable)")
     run.add_argument("--restart", action="store_true",
                      help="stages that re-run discard an interrupted run's checkpoints instead of resuming from them")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check every stage, print what would run and why, and exit (loads no model)")
 
     status = sub.add_parser("status", help="Show the stages, cache keys and metrics of a run.")
     status.add_argument("run_dir")
@@ -115,7 +117,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipelines.runner import run_command
 
         return run_command(args.pipeline, args.overrides, run_dir=args.run_dir, force=args.force,
-                           restart=args.restart)
+                           restart=args.restart, dry_run=args.dry_run)
     if args.command == "status":
         from pipelines.runner import status_command
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipelines.lineage import cache_key
 from stages import registry
-from stages.core.config import apply_overrides, deep_merge, field, from_dict, read_yaml, to_dict
+from stages.core.config import Origins, apply_overrides, deep_merge, field, from_dict, read_yaml, to_dict
 from stages.core.errors import ConfigError, did_you_mean
 from stages.core.judges import JudgeConfig
 from stages.core.modeling import LoraSettings, ModelConfig
@@ -103,6 +103,7 @@ class PipelineConfig:
                     raise ConfigError(f"stage '{stage.name}' refers to '{ref}', which is not an earlier stage",
                                       field=f"stages.{index}", hint=did_you_mean(ref, earlier))
         self.run_dir = self.run_dir or Path("runs") / self.name
+        self.lines = None  # the pipeline file's line of each key (set by load_pipeline), for stage errors
 
 
 def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfig, dict[str, list[str]]]:
@@ -116,7 +117,9 @@ def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfi
             stage_overrides.setdefault(head, []).append(rest)
         else:
             pipeline_overrides.append(item)
-    config = from_dict(PipelineConfig, apply_overrides(data, pipeline_overrides), source=linemap)
+    config = from_dict(PipelineConfig, apply_overrides(data, pipeline_overrides),
+                       source=Origins(path).add_file(linemap).add_overrides(pipeline_overrides))
+    config.lines = linemap
     return config, stage_overrides
 
 
@@ -178,10 +181,15 @@ def resolve_stage(pipeline: PipelineConfig, index: int, overrides: list[str], ke
     elif adapter_from == "none":
         adapter_from = None
     parents = sorted({p for p in [adapter_from, *entry.inputs.values(), *entry.data_from] if p})
+    # An error names where its key was set: the pipeline's base section, the recipe file, the stage's
+    # settings or inputs in the pipeline file, or the command line (as the user typed it)
+    origins = Origins(entry.config).add_file(pipeline.lines, "base").add_file(linemap)
+    origins.add_file(pipeline.lines, f"stages.{index}.settings").add_file(pipeline.lines, f"stages.{index}.inputs")
+    origins.add_overrides(overrides, [f"{entry.name}.{item}" for item in overrides])
     try:
-        config = from_dict(stage.config_class, data, source=linemap)
+        config = from_dict(stage.config_class, data, source=origins)
     except ConfigError as err:
-        raise ConfigError(f"stage '{entry.name}': {err.reason}", file=err.file or entry.config, line=err.line,
+        raise ConfigError(f"stage '{entry.name}': {err.reason}", file=err.file, line=err.line,
                           field=err.field, hint=err.hint) from None
     key = cache_key(entry.type, config, [keys[p] for p in parents], fingerprint, run_dir)
     return PlannedStage(entry, config, stage, key, parents, adapter_from, output_dir)

@@ -30,19 +30,24 @@ from typing import Any
 
 from pipelines.gates import GateFailed, check_gates
 from pipelines.lineage import Lineage, is_cached, now, stage_metrics
-from pipelines.plan import PlannedStage, load_pipeline, resolve_stage
+from pipelines.plan import PlannedStage, load_pipeline
+from pipelines.validate import RunPlan, check_pipeline, print_plan
 from stages import registry
-from stages.core.errors import ConfigError, LorelayError, did_you_mean
+from stages.core.errors import LorelayError
 from stages.core.locks import lock_directory
 from stages.core.modeling import load_base
+from stages.core.storage import disk_faults
 from stages.core.training import barrier, is_main_process
 
 __all__ = ["GateFailed", "load_pipeline", "run_pipeline", "run_command", "status_command"]
 
 
 def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_dir: str | None = None,
-                 force: list[str] = (), restart: bool = False, console=None) -> Path:
+                 force: list[str] = (), restart: bool = False, console=None, dry_run: bool = False) -> Path:
     """Run (or continue) a pipeline; return the run directory.
+
+    Every stage is checked first (``pipelines.validate``): a mistake in any stage stops the run before
+    the base model loads. ``dry_run`` prints the plan (cached, to run and why) and stops there.
 
     The run directory is locked for the whole run (``stages.core.locks``): a second ``lorelay run`` on it
     stops at once, naming this one. ``restart``: a stage that re-runs discards the checkpoints an
@@ -51,26 +56,24 @@ def run_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_di
     from rich.console import Console
 
     console = console or Console()
-    pipeline, stage_overrides = load_pipeline(pipeline_path, list(overrides))
-    if run_dir:
-        pipeline.run_dir = Path(run_dir)
-    unknown = [name for name in [*stage_overrides, *force] if name not in {s.name for s in pipeline.stages}]
-    if unknown:
-        raise ConfigError(f"no stage named '{unknown[0]}'", field="--force",
-                          hint=did_you_mean(unknown[0], [s.name for s in pipeline.stages]))
-    run_dir_path = Path(pipeline.run_dir)
+    plan = check_pipeline(pipeline_path, list(overrides), run_dir=run_dir, force=force, restart=restart)
+    if dry_run:
+        print_plan(plan, console)
+        return plan.run_dir
+    run_dir_path = plan.run_dir
     run_dir_path.mkdir(parents=True, exist_ok=True)
     lock = lock_directory(run_dir_path, purpose="run directory") if is_main_process() else None
     try:
-        return _run(pipeline, pipeline_path, stage_overrides, run_dir_path, force, restart, console)
+        return _run(plan, pipeline_path, force, console)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(pipeline, pipeline_path, stage_overrides: dict[str, list[str]], run_dir_path: Path, force, restart: bool,
-         console) -> Path:
+def _run(plan: RunPlan, pipeline_path, force, console) -> Path:
     from pipelines import evaluate, report
+
+    pipeline, run_dir_path = plan.pipeline, plan.run_dir
 
     console.rule(f"[bold]lorelay run[/bold] {pipeline.name} -> {run_dir_path}")
     base = load_base(pipeline.base.model)
@@ -84,13 +87,10 @@ def _run(pipeline, pipeline_path, stage_overrides: dict[str, list[str]], run_dir
     lineage.data["base_evaluation"] = evaluator.policy("base", None, lineage.previous_base_eval)
     lineage.save()
 
-    keys: dict[str, str] = {}
     evaluations: dict[str, dict] = {"base": lineage.data["base_evaluation"]}
     for index, entry in enumerate(pipeline.stages):
         barrier()  # stage boundary: the main process has committed the previous stage and run.json
-        planned = resolve_stage(pipeline, index, stage_overrides.get(entry.name, []), keys, base.fingerprint,
-                                restart=restart)
-        keys[entry.name] = planned.key
+        planned = plan.stages[index].planned  # resolved once, by check_pipeline
         previous = lineage.previous_stages.get(entry.name)
         adapter = run_dir_path / planned.adapter_from if planned.adapter_from else None
         record = {"name": entry.name, "type": entry.type, "key": planned.key, "parents": planned.parents,
@@ -103,7 +103,8 @@ def _run(pipeline, pipeline_path, stage_overrides: dict[str, list[str]], run_dir
             lineage.record({**record, "status": "running", "started": now()})
             started = time.time()
             try:
-                planned.stage.run(planned.config, base, adapter=adapter)
+                with disk_faults(planned.output_dir, field=f"stages.{index}"):
+                    planned.stage.run(planned.config, base, adapter=adapter)
             except BaseException:
                 lineage.record({**record, "status": "failed", "seconds": round(time.time() - started, 1)})
                 raise
@@ -164,8 +165,8 @@ def _flat(lineage: Lineage, name: str) -> dict[str, Any]:
 
 
 def run_command(pipeline: str, overrides: list[str], *, run_dir: str | None = None, force: list[str] = (),
-                restart: bool = False) -> int:
-    run_pipeline(pipeline, overrides, run_dir=run_dir, force=force, restart=restart)
+                restart: bool = False, dry_run: bool = False) -> int:
+    run_pipeline(pipeline, overrides, run_dir=run_dir, force=force, restart=restart, dry_run=dry_run)
     return 0
 
 

@@ -50,6 +50,8 @@ def run_stage_command(name: str, config_path: str | None, overrides: list[str], 
     check_output_dir(output_dir, field=output_field)
     if training is not None:
         check_interrupted(output_dir, resume=training.resume, restart=training.restart)
+    if stage.preflight is not None:
+        stage.preflight(config)  # the first rows of its data, read as the stage will
     base = load_base(config.model)
     with disk_faults(output_dir, field=output_field):
         output_dir = stage.run(config, base, adapter=adapter)

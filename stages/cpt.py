@@ -45,6 +45,7 @@ from pathlib import Path
 from stages.core.config import field
 from stages.core.data import (BlockCollator, CorpusReport, CorpusSource, PackedCorpus, blocks_in_batches,
                               corpus_hash, count_tokens, loss_tokens, to_device)
+from stages.core.data.sample import sample_corpus
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import mean_token_loss
 from stages.core.lifecycle import borrows_base, extend_vocabulary
@@ -283,10 +284,21 @@ def heldout_loss(model, blocks: list[dict], collate, batch_size: int, device: st
     return mean_token_loss(model, batches)
 
 
+def preflight(config: CPTConfig, skip=lambda path: False) -> None:
+    """The first document of every corpus, read as run() reads it (``lorelay run`` checks before loading)."""
+    if not config.data.sources:
+        raise ConfigError("no corpus given: list at least one source", field="data.sources")
+    sample_corpus([*config.data.sources, *config.data.eval_sources], skip=skip)
+
+
 STAGE = Stage(
     name="cpt", config_class=CPTConfig, run=run,
     description="Continued pretraining on raw text.",
     produces_policy=True,
     headline=(Metric("perplexity_after", "CPT ppl", "{:.2f}"),),
     card_tags=("continued-pretraining",),
+    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
+             "total_parameters", "perplexity_before", "perplexity_after", "eval_loss_before", "eval_loss_after",
+             "eval_tokens", "train_tokens", "train_tokens_per_second"),
+    preflight=preflight,
 )

@@ -38,6 +38,7 @@ from stages.core.compat import packed_dpo_trainer
 from stages.core.preference.dpo_step import report_batching
 from stages.core.config import field
 from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
+from stages.core.data.sample import SAMPLE_ROWS, sample_records
 from stages.core.errors import ConfigError, DataError, did_you_mean
 from stages.core.evaluation import generate
 from stages.core.lifecycle import borrows_base
@@ -382,11 +383,16 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 def load_preferences(config: DPOConfig) -> Mixture:
     """Pairs (dpo, orpo, kto on declared pairs) or KTO rows, checked row by row by ``stages.core.data``."""
     data = config.data
-    specs = [*data.datasets, *data.eval_datasets]
-    pairs = config.method != "kto" or all(spec.format == "preference" for spec in specs)
-    return load_mixture(data.datasets, kind="preference" if pairs else "kto", seed=config.training.seed,
+    return load_mixture(data.datasets, kind=data_kind(config), seed=config.training.seed,
                         eval_ratio=data.eval_ratio, eval_specs=data.eval_datasets or None,
                         skip_invalid=data.skip_invalid)
+
+
+def data_kind(config: DPOConfig) -> str:
+    """What the rows are: pairs (dpo, orpo, and kto on datasets all declared as pairs) or KTO rows."""
+    specs = [*config.data.datasets, *config.data.eval_datasets]
+    pairs = config.method != "kto" or all(spec.format == "preference" for spec in specs)
+    return "preference" if pairs else "kto"
 
 
 def trainer_row(record: dict) -> dict:
@@ -573,9 +579,26 @@ def train_history(log_history: list[dict]) -> list[dict]:
             for entry in log_history if "loss" in entry]
 
 
+def preflight(config: DPOConfig, skip=lambda path: False) -> None:
+    """The first rows of every dataset and of the win-rate prompts, read as run() reads them."""
+    data = config.data
+    if not data.datasets:
+        raise ConfigError("no datasets given: list at least one", field="data.datasets")
+    sample_records([*data.datasets, *data.eval_datasets], data_kind(config), skip_invalid=data.skip_invalid,
+                   skip=skip)
+    if config.win_rate_prompts is not None and not skip(config.win_rate_prompts.path):
+        held_out_prompts(config, None, count=SAMPLE_ROWS)
+
+
 STAGE = Stage(
     name="dpo", config_class=DPOConfig, run=run,
     description="Preference optimisation: DPO, ORPO or KTO.",
     produces_policy=True,
     headline=(Metric("eval_loss", "eval loss"), Metric("eval_reward_accuracy", "DPO acc", "{:.1%}")),
+    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
+             "total_parameters", "eval_loss",
+             *(f"{split}_{name}" for split in ("train", "eval") for name in HEADLINE.values()),
+             "win_rate", "win_rate_excl_ties", "wins", "losses", "ties", "win_rate_n", "reward_policy_mean",
+             "reward_reference_mean"),
+    preflight=preflight,
 )

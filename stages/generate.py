@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stages.core.config import field
 from stages.core.data import DatasetSpec, read_rows
+from stages.core.data.sample import SAMPLE_ROWS
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import generate
 from stages.core.lifecycle import borrows_base
@@ -186,9 +187,23 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
     return output.output_dir
 
 
+def preflight(config: GenerateConfig, skip=lambda path: False) -> None:
+    """A reward model is named, and the first prompts read as run() reads them."""
+    if config.reward_model is None:
+        raise ConfigError("a reward stage directory is needed to judge samples", field="reward_model",
+                          hint="in a pipeline: inputs: {reward_model: rm}")
+    if not skip(str(config.reward_model)) and not Path(config.reward_model).is_dir():
+        raise ConfigError("no such reward stage directory", file=config.reward_model, field="reward_model")
+    if not skip(config.prompts.path):
+        load_prompts(config.prompts, SAMPLE_ROWS)
+
+
 STAGE = Stage(
     name="generate", config_class=GenerateConfig, run=run,
     description="On-policy pairs: sample, judge, keep best and worst.",
     produces_policy=False,
     headline=(Metric("pairs", "pairs", "{:d}"),),
+    metrics=("prompts", "pairs", "dropped_low_gap", "dropped_no_passing_reply", "pairs_decided_by_checks",
+             "mean_gap", "mean_best_score", "mean_score", "sample_*_rate"),
+    preflight=preflight,
 )

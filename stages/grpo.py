@@ -317,10 +317,23 @@ def _reward_files(config: GRPOConfig) -> dict[str, str]:
     return {path: data_hash(path) for path in sorted(files)}
 
 
+def preflight(config: GRPOConfig, skip=lambda path: False) -> None:
+    """The prompts read and the rewards imported as run() does (``lorelay run`` checks before loading)."""
+    specs = [spec for spec in config.data.datasets if not skip(spec.path)]
+    if specs or not config.data.datasets:
+        load_prompts(specs, seed=config.training.seed, eval_count=config.data.eval_prompts)
+    load_rewards(config.rewards, where="rewards")
+
+
 STAGE = Stage(
     name="grpo", config_class=GRPOConfig, run=run,
     description="Online RL from rewards and checks (GRPO, GSPO).",
     produces_policy=True,
     headline=(Metric("train_reward", "reward"), Metric("seconds_per_step", "s/step", "{:.1f}")),
     card_tags=("grpo",),
+    # train_*: each quantity TRL logs (reward, kl, lengths) at the last step; eval_*: each reward and check
+    metrics=("train_loss", "train_runtime_s", "steps", "seconds_per_step", "trainable_parameters",
+             "total_parameters", "train_*", "train_first_*", "eval_reward_*", "eval_pass_rate_*",
+             "eval_before_reward_*", "eval_before_pass_rate_*"),
+    preflight=preflight,
 )

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture
+from stages.core.data.sample import sample_records
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.lifecycle import borrow, borrows_base
 from stages.core.modeling import (Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter,
@@ -443,6 +444,14 @@ def _dropout_off(model, *, enabled: bool):
             module.p = p
 
 
+def preflight(config: RewardConfig, skip=lambda path: False) -> None:
+    """The first rows of every dataset, read as run() reads them (``lorelay run`` checks before loading)."""
+    if not config.data.datasets:
+        raise ConfigError("no datasets given: list at least one", field="data.datasets")
+    sample_records([*config.data.datasets, *config.data.eval_datasets], "preference",
+                   skip_invalid=config.data.skip_invalid, skip=skip)
+
+
 STAGE = Stage(
     name="rm", config_class=RewardConfig, run=run,
     description="Train a reward model (LoRA + score head).",
@@ -450,4 +459,8 @@ STAGE = Stage(
     produces_reward_model=True,
     headline=(Metric("eval_loss", "eval loss"), Metric("eval_accuracy", "RM acc", "{:.1%}")),
     card_tags=("reward-model",),
+    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
+             "total_parameters", "eval_loss", "eval_pairs", "eval_accuracy", "eval_margin_mean",
+             "eval_chosen_score_*", "eval_rejected_score_*"),
+    preflight=preflight,
 )

@@ -23,6 +23,7 @@ from typing import Literal
 
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture, tokenize_records
+from stages.core.data.sample import sample_records
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import sample_generations
 from stages.core.lifecycle import borrows_base
@@ -152,9 +153,20 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
     return output.output_dir
 
 
+def preflight(config: SFTConfig, skip=lambda path: False) -> None:
+    """The first rows of every dataset, read as run() reads them (``lorelay run`` checks before loading)."""
+    if not config.data.datasets:
+        raise ConfigError("no datasets given: list at least one", field="data.datasets")
+    sample_records([*config.data.datasets, *config.data.eval_datasets], "sft",
+                   skip_invalid=config.data.skip_invalid, skip=skip)
+
+
 STAGE = Stage(
     name="sft", config_class=SFTConfig, run=run,
     description="Supervised fine-tuning with chat templates.",
     produces_policy=True,
     headline=(Metric("eval_loss", "eval loss"),),
+    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
+             "total_parameters", "eval_loss", "eval_perplexity"),
+    preflight=preflight,
 )

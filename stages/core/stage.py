@@ -43,6 +43,12 @@ class Stage:
     produces_reward_model: bool = False  # its output scores replies (the pipeline's default judge)
     headline: tuple[Metric, ...] = ()    # metrics.json keys shown in report.md and on the model card
     card_tags: tuple[str, ...] = ()      # Hub tags of a model this stage trained (its name is always one)
+    # every numeric metrics.json key it may report (glob patterns for families such as "eval_*"):
+    # the names its gates may use, checked before a pipeline runs
+    metrics: tuple[str, ...] = ()
+    # preflight(config, skip=path -> bool): read the first rows of every input as run() will, raising
+    # DataError/ConfigError; paths for which skip() is true are written by earlier stages, not there yet
+    preflight: Callable[..., None] | None = None
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", self.name):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
 import yaml
 
 import pipelines.runner as runner
+from pipelines.validate import check_pipeline
+from stages import registry
 from pipelines.runner import GateFailed, load_pipeline, run_pipeline
 from stages.core.errors import ConfigError
 from tests.conftest import write_jsonl
@@ -124,8 +127,11 @@ def test_whole_chain_runs_once_and_then_comes_from_cache(tmp_path, tiny_model_di
     assert by_name["dpo"]["parents"] == ["generate", "rm", "sft"]
     assert "task_accuracy" in by_name["sft"]["evaluation"]["metrics"]
     assert {"rm_wins", "rm_losses", "rm_ties", "rm_win_rate_vs_parent"} <= set(by_name["dpo"]["evaluation"]["metrics"])
-    for name in by_name:
+    for name, stage in by_name.items():
         assert (run_dir / name / "manifest.json").exists(), name
+        declared = registry.get(stage["type"]).metrics  # what gates may name, checked before a run
+        undeclared = [key for key in stage["metrics"] if not any(fnmatchcase(key, p) for p in declared)]
+        assert not undeclared, f"{name} reports metrics its Stage record does not declare: {undeclared}"
     generated = [json.loads(line) for line in (run_dir / "generate" / "dataset.jsonl").read_text().splitlines()]
     assert generated and all("provenance" in row for row in generated)
     report = (run_dir / "report.md").read_text()
@@ -184,6 +190,8 @@ def test_cache_reruns_a_changed_stage_and_its_descendants_only(tmp_path, tiny_mo
     changed = {s["name"]: s["key"] for s in json.loads((run_dir / "run.json").read_text())["stages"]}
     assert changed["sft"] != keys["sft"] and changed["sft2"] != keys["sft2"] and changed["side"] == keys["side"]
 
+    plan = check_pipeline(path, ["sft.training.learning_rate=5e-3"])
+    assert [(s.action, s.reason) for s in plan.stages] == [("cached", "finished with the same config, data and parents")] * 3
     run_pipeline(path, ["sft.training.learning_rate=5e-3"], force=["side"])
     assert statuses(run_dir) == {"sft": "cached", "sft2": "cached", "side": "done"}
 

@@ -61,8 +61,8 @@ class _Skips:
 
 
 def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False,
-                 on_row: Callable[[], None] | None = None) -> LoadResult:
-    """Read, detect, convert and check every row of ``spec``.
+                 on_row: Callable[[], None] | None = None, limit: int | None = None) -> LoadResult:
+    """Read, detect, convert and check every row of ``spec`` (or only its first ``limit`` rows).
 
     ``kind`` ("sft", "text", "preference", "kto", or "any" for a check without training) says which
     formats the caller can train on. ``on_row`` is called after each row (progress display).
@@ -78,6 +78,8 @@ def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = F
     duplicates = rows = 0
     fmt = None
     for where, value in read_rows(spec):
+        if limit is not None and rows >= limit:
+            break
         rows += 1
         if on_row is not None:
             on_row()
