@@ -139,8 +139,10 @@ def reported_metrics(stage_type: str | None, pipeline: PipelineConfig) -> tuple[
     stage = registry.get(stage_type) if stage_type else None
     own = list(stage.metrics) if stage else []
     evaluated = stage is None or stage.produces_policy
-    measured = [name for name, key in EVALUATION_METRICS.items()
-                if evaluated and getattr(pipeline.evaluation, key) is not None]
+    evaluation = pipeline.evaluation
+    measured = [name for name, key in EVALUATION_METRICS.items() if evaluated and getattr(evaluation, key) is not None]
+    if evaluated and evaluation.prompts is not None:
+        measured += [f"{check.name}_rate" for check in evaluation.checks]  # each check's pass rate on the replies
     return own, measured
 
 
@@ -230,9 +232,10 @@ def _check_evaluation(pipeline: PipelineConfig, lines) -> None:
             if missing:
                 raise DataError(f"rows need {' and '.join(needed)}; the first has no '{missing[0]}'", file=path, line=1)
     stage_types = {s.name: registry.get(s.type) for s in pipeline.stages}
-    if evaluation.judge is not None and not getattr(stage_types.get(evaluation.judge), "produces_reward_model", False):
-        raise ConfigError(f"evaluation.judge '{evaluation.judge}' is not a reward stage of this pipeline",
-                          file=lines.source, line=lines.line("evaluation.judge"), field="evaluation.judge",
+    judge_stage = evaluation.reward_model
+    if judge_stage not in (None, "none") and not getattr(stage_types.get(judge_stage), "produces_reward_model", False):
+        raise ConfigError(f"evaluation.reward_model '{judge_stage}' is not a reward stage of this pipeline",
+                          file=lines.source, line=lines.line("evaluation.reward_model"), field="evaluation.reward_model",
                           hint=_names_of(stage_types, lambda s: s.produces_reward_model, "reward stage"))
 
 
