@@ -72,7 +72,10 @@ def test_a_second_stage_on_a_live_output_directory_stops_before_touching_it(tmp_
 def test_a_second_run_on_a_live_run_directory_stops_at_once(tmp_path, holder, monkeypatch):
     import pipelines.runner as runner
 
-    (tmp_path / "pipeline.yaml").write_text(f"name: tiny\nrun_dir: {tmp_path / 'run'}\nstages:\n  - name: sft\n")
+    chats = tmp_path / "chats.jsonl"  # a valid pipeline: lorelay run checks every stage before it locks
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    (tmp_path / "pipeline.yaml").write_text(f"name: tiny\nrun_dir: {tmp_path / 'run'}\nstages:\n  - name: sft\n"
+                                            f"    settings: {{data: {{datasets: [{{path: {chats}}}]}}}}\n")
     holder(tmp_path / "run")
     monkeypatch.setattr(runner, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(LockHeld, match="writing this run directory: pid"):
