@@ -70,7 +70,9 @@ class Evaluator:
         self.base = base
         self.folder = Path(run_dir) / "eval"
         self.console = console
-        self.config_hash = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+        # Who judges the replies at the end does not change them: a new judge re-judges, it does not re-generate.
+        replies_config = {k: v for k, v in to_dict(config).items() if k not in ("judge", "reward_model")}
+        self.config_hash = hashlib.sha256(json.dumps(replies_config, sort_keys=True).encode()).hexdigest()[:16]
         limit = config.max_items
         self.tasks = read_jsonl_rows(config.tasks, limit) if config.tasks else []
         rows = read_jsonl_rows(config.prompts, limit) if config.prompts else []

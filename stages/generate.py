@@ -200,7 +200,7 @@ def preflight(config: GenerateConfig, skip=lambda path: False) -> None:
 
 STAGE = Stage(
     name="generate", config_class=GenerateConfig, run=run,
-    description="On-policy pairs: sample, judge, keep best and worst.",
+    description="On-policy pairs: sample, score by RM and checks, pair.",
     produces_policy=False,
     headline=(Metric("pairs", "pairs", "{:d}"),),
     metrics=("prompts", "pairs", "dropped_low_gap", "dropped_no_passing_reply", "pairs_decided_by_checks",

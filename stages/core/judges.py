@@ -26,17 +26,16 @@ from stages.core.rewards import PASS, Reward
 Choice = Literal["A", "B"] | None  # None: the judge named neither reply
 
 RUBRIC = (
-    "You are judging two replies of a customer-support assistant to the same user message. Prefer the reply "
-    "that is correct and does exactly what the message asks: a ticket to route is answered with the queue name "
-    "alone; a question is answered truthfully and briefly, in the company's voice. Penalise invented facts, "
-    "extra labels and rambling. Answer with a single letter: A or B."
+    "You are judging two replies of an assistant to the same user message. Prefer the reply that does exactly "
+    "what the message asks, correctly and completely, in the form it asks for. Penalise invented facts, content "
+    "nobody asked for, and rambling. Answer with a single letter: A or B."
 )
 
 
-def judge_prompt(prompt: str, reply_a: str, reply_b: str) -> list[dict[str, str]]:
-    """The chat messages one pairwise comparison sends: the fixed rubric, then the case."""
+def judge_prompt(prompt: str, reply_a: str, reply_b: str, rubric: str = RUBRIC) -> list[dict[str, str]]:
+    """The chat messages one pairwise comparison sends: the rubric, then the case."""
     case = f"User message:\n{prompt}\n\nReply A:\n{reply_a}\n\nReply B:\n{reply_b}\n\nWhich reply is better, A or B?"
-    return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": case}]
+    return [{"role": "system", "content": rubric}, {"role": "user", "content": case}]
 
 
 def parse_choice(text: str) -> Choice:
@@ -125,7 +124,8 @@ def swapped_verdicts(judge: PairwiseJudge, prompts: Sequence[str], mine: Sequenc
 class EndpointJudge:
     """An OpenAI-compatible chat-completions endpoint (vLLM, TGI, llama.cpp server, OpenAI, ...)."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
+                 rubric: str = RUBRIC):
         import requests
 
         # Plain HTTP, not huggingface_hub's client: that one refuses every URL under HF_HUB_OFFLINE, which
@@ -133,12 +133,12 @@ class EndpointJudge:
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        self.model, self.url, self.timeout = model, url.rstrip("/"), timeout
+        self.model, self.url, self.timeout, self.rubric = model, url.rstrip("/"), timeout, rubric
 
     def choose(self, prompts, replies_a, replies_b) -> list[Choice]:
         choices = []
         for prompt, a, b in zip(prompts, replies_a, replies_b, strict=True):
-            payload = {"model": self.model, "messages": judge_prompt(prompt, a, b), "max_tokens": 4,
+            payload = {"model": self.model, "messages": judge_prompt(prompt, a, b, self.rubric), "max_tokens": 4,
                        "temperature": 0.0}
             try:
                 response = self.session.post(f"{self.url}/chat/completions", json=payload, timeout=self.timeout)
@@ -154,15 +154,17 @@ class EndpointJudge:
 class LocalModelJudge:
     """Another local causal LM: its next-token log-probability of ``A`` against ``B`` after the rubric."""
 
-    def __init__(self, model_path: str | Path, device: str | None = None):
+    def __init__(self, model_path: str | Path, device: str | None = None, rubric: str = RUBRIC):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), use_safetensors=True,
                                                           dtype=torch.float32).eval()
+        device = device or ("cuda" if torch.cuda.is_available() else None)
         if device:
             self.model.to(device)
+        self.rubric = rubric
         self.letters = [self.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in ("A", "B")]
 
     def choose(self, prompts, replies_a, replies_b) -> list[Choice]:
@@ -174,7 +176,7 @@ class LocalModelJudge:
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
             for start in range(0, len(prompts), 8):
-                texts = [render_prompt(self.tokenizer, judge_prompt(p, a, b))
+                texts = [render_prompt(self.tokenizer, judge_prompt(p, a, b, self.rubric))
                          for p, a, b in zip(prompts[start:start + 8], replies_a[start:start + 8],
                                             replies_b[start:start + 8], strict=True)]
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -196,6 +198,8 @@ class JudgeConfig:
     api_key_env: str | None = field(None, help="Name of the environment variable holding the endpoint's API key "
                                                "(the key itself never goes in a config file).")
     timeout: float = field(60.0, help="Seconds per endpoint request.")
+    rubric: str = field(RUBRIC, help="The system prompt every comparison is judged by, the same for every pair; the "
+                                     "default asks for exact, correct and concise.")
 
     def __post_init__(self):
         if (self.model is None) == (self.url is None):
@@ -209,11 +213,11 @@ class JudgeConfig:
 
     def build(self) -> PairwiseJudge:
         if self.url is None:
-            return LocalModelJudge(self.model)
+            return LocalModelJudge(self.model, rubric=self.rubric)
         key = None
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
                 raise ConfigError(f"environment variable {self.api_key_env} is not set", field="api_key_env",
                                   hint=f"export {self.api_key_env}=... before the run")
-        return EndpointJudge(self.url, self.endpoint_model, api_key=key, timeout=self.timeout)
+        return EndpointJudge(self.url, self.endpoint_model, api_key=key, timeout=self.timeout, rubric=self.rubric)

@@ -150,8 +150,7 @@ def test_checks_and_an_endpoint_judge_score_every_policy_against_its_parent(tmp_
     evaluation = {"prompts": str(prompts), "max_new_tokens": 4,
                   "checks": [{"fn": "length", "args": {"max": 10000}, "name": "bounded"},
                              {"fn": "ends_with", "args": {"column": "sign_off"}, "name": "sign_off"}]}
-    stages = [sft_stage(data, "sft"), sft_stage(data, "sft2", gates=["sign_off_rate >= parent.sign_off_rate",
-                                                                      "bounded_rate >= 1"])]
+    stages = [sft_stage(data, "sft", gates=["sign_off_rate >= parent.sign_off_rate", "bounded_rate >= 1"])]
     with serve_chat_completions(rule=lambda a, b: "A") as server:  # position bias only: every judged pair ties
         monkeypatch.setenv("TEST_JUDGE_KEY", "sk-1")
         evaluation["judge"] = {"url": f"http://127.0.0.1:{server.server_address[1]}/v1", "endpoint_model": "judge",
@@ -162,17 +161,16 @@ def test_checks_and_an_endpoint_judge_score_every_policy_against_its_parent(tmp_
     assert run["checks"] == ["bounded", "sign_off"]
     base = run["base_evaluation"]["metrics"]
     assert base["bounded_rate"] == 1.0 and base["sign_off_rate"] == 0.0  # two rows expect a sign-off; none has it
-    sft2 = {s["name"]: s for s in run["stages"]}["sft2"]
-    assert sft2["gates"] == ["sign_off_rate 0 >= 0", "bounded_rate 1 >= 1"]
-    metrics = sft2["evaluation"]["metrics"]
+    sft = run["stages"][0]
+    assert sft["gates"] == ["sign_off_rate 0 >= 0", "bounded_rate 1 >= 1"]
+    metrics = sft["evaluation"]["metrics"]
     assert (metrics["check_wins"], metrics["check_losses"], metrics["check_ties"]) == (0, 0, 3)
     assert metrics["judge_wins"] == metrics["judge_losses"] == 0 and metrics["judge_ties"] == 3
-    replies = {name: json.loads((run_dir / "eval" / f"{name}.json").read_text()) for name in ("base", "sft", "sft2")}
-    differing = sum(a["reply"] != b["reply"] for mine, parent in (("sft", "base"), ("sft2", "sft"))
-                    for a, b in zip(replies[mine], replies[parent]))
-    assert len(server.requests) == 2 * differing  # each differing pair asked in both orders, identical ones never
     assert not any(name.startswith("rm_") for name in metrics)  # no reward stage: no trained-RM opinion
-    assert [r["checks"] for r in replies["sft2"]] == [{"bounded": True, "sign_off": None}] + \
+    replies = {name: json.loads((run_dir / "eval" / f"{name}.json").read_text()) for name in ("base", "sft")}
+    differing = sum(a["reply"] != b["reply"] for a, b in zip(replies["sft"], replies["base"]))
+    assert len(server.requests) == 2 * differing  # each differing pair asked in both orders, identical ones never
+    assert [r["checks"] for r in replies["sft"]] == [{"bounded": True, "sign_off": None}] + \
         [{"bounded": True, "sign_off": False}] * 2
     report = (run_dir / "report.md").read_text()
     assert "| sign off |" in report.replace("| bounded ", "") and "checks won" in report and "judge won" in report

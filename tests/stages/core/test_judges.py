@@ -85,6 +85,10 @@ def test_endpoint_judge_counts_a_tie_when_the_two_orders_disagree(endpoint, monk
     assert tally(verdicts, "judge_") == {"judge_wins": 1, "judge_losses": 1, "judge_ties": 1,
                                          "judge_win_rate_vs_parent": 1 / 3, "judge_loss_rate_vs_parent": 1 / 3}
 
+    endpoint.requests.clear()
+    endpoint_judge(endpoint, monkeypatch, rubric="Prefer the signed reply. A or B.").choose(["q"], ["a"], ["b"])
+    assert endpoint.requests[0]["body"]["messages"][0]["content"] == "Prefer the signed reply. A or B."
+
 
 def test_endpoint_errors_and_bad_judge_configs_are_clean(endpoint, monkeypatch):
     port = endpoint.server_address[1]
