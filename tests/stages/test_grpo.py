@@ -14,7 +14,7 @@ from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                                   parameter_storage, sequence_classifier)
-from stages.reward import attach_reward_adapter, detach_reward_adapter, reward_model, score
+from stages.reward import attach_reward_adapter, reward_model, score
 from tests.conftest import write_jsonl
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
@@ -37,34 +37,29 @@ def base(tiny_model_dir):
     return load_base(ModelConfig(name=str(tiny_model_dir)))
 
 
-def _perturbed(model, seed: int) -> None:
+def save_perturbed(model, path, seed: int):
+    """Give the adapter nonzero LoRA B weights (a trained-looking adapter), save it to ``path``, detach it."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-
-
-@pytest.fixture(scope="module")
-def incoming(base, tmp_path_factory):
-    """A trained-looking SFT adapter (nonzero LoRA B)."""
-    path = tmp_path_factory.mktemp("sft")
-    model = attach_adapter(base.model, LORA)
-    _perturbed(model, seed=1)
     model.save_pretrained(path, safe_serialization=True)
     detach_adapter(model)
     return path
 
 
 @pytest.fixture(scope="module")
+def incoming(base, tmp_path_factory):
+    """A trained-looking SFT adapter."""
+    return save_perturbed(attach_adapter(base.model, LORA), tmp_path_factory.mktemp("sft"), seed=1)
+
+
+@pytest.fixture(scope="module")
 def rm_dir(base, tmp_path_factory):
-    """A reward-model directory as the rm stage writes it: LoRA (nonzero B) + score head in modules_to_save."""
-    path = tmp_path_factory.mktemp("rm")
+    """A reward-model directory as the rm stage writes it: LoRA + score head in modules_to_save."""
     model, _ = attach_reward_adapter(sequence_classifier(base.model, base.tokenizer), LORA)
-    _perturbed(model, seed=2)
-    model.save_pretrained(path, safe_serialization=True)
-    detach_reward_adapter(model)
-    return path
+    return save_perturbed(model, tmp_path_factory.mktemp("rm"), seed=2)
 
 
 @pytest.fixture(scope="module")
