@@ -101,3 +101,14 @@ def test_a_full_disk_while_saving_is_one_line_and_publishes_nothing(tmp_path, ti
     assert f"{tmp_path / 'out'} field 'training.output_dir': the disk is full while writing the output" in line
     assert "run the same command again" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_sharegpt_speaker_is_one_line_with_its_line_before_the_model_loads(tmp_path, capsys,
+                                                                                      model_loads):
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "hello"}]}]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    assert main(["sft", f"data.datasets=[{{path: {data}}}]", f"training.output_dir={tmp_path / 'out'}"]) == 2
+    line = one_line_error(capsys)
+    assert f"{data}:2 field 'conversations[1].from'" in line and "unknown speaker 'narrator'" in line
+    assert model_loads == []
