@@ -9,14 +9,16 @@ Both set-ups continue the same adapter with DPO on the same pairs (the first ``-
 preference data, in lorelay's seeded order), with the same batch, accumulation, learning rate, beta,
 max_length and precision, for the same number of optimizer steps:
 
-  lorelay  ``stages.dpo.run`` itself: one base in memory; the reference is a frozen copy of the incoming
-           adapter on that same base (TRL switches adapters for the reference forward). Padding-free where
-           supported: TRL 1.16's DPOTrainer has it switched off, so both set-ups pad.
-  trl      TRL's DPOTrainer given a separately loaded reference model: a second copy of the base with the
-           incoming adapter merged into it, the way TRL's DPO examples pass ``ref_model``.
+  lorelay      ``stages.dpo.run`` itself: one base in memory, the reference a frozen copy of the incoming
+               adapter on it; lorelay's packed rows (no padding, each prompt once, LM head on reply tokens
+               only: ``stages/core/preference``).
+  trl-onebase  TRL's DPOTrainer given the PEFT policy and no ``ref_model``: TRL's own one-base path (it
+               copies the adapter as a frozen ``ref`` adapter). Padded: TRL 1.16 switched DPO padding-free off.
+  trl          TRL's DPOTrainer given a separately loaded reference model: a second copy of the base with the
+               incoming adapter merged into it, the way TRL's DPO examples pass ``ref_model``. Padded.
 
-Activation checkpointing follows lorelay's device default (off on CPU) in both, so the ratios isolate
-how the reference is held. The incoming adapter has random (not zero) lora_B, so the reference differs
+Activation checkpointing is off in all three (lorelay's CPU default), and every result records its loss
+path, batching, attention kernel and TRL ``loss_type``. The incoming adapter has random (not zero) lora_B, so the reference differs
 from the bare base as a real SFT adapter would.
 
 How much a shared base saves depends on how much of the memory is weights. ``--make-model`` writes a
@@ -46,8 +48,10 @@ SHAPES = {
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0),
 }
 
-SETUPS = {"lorelay": "lorelay DPO (stages.dpo.run): reference = frozen adapter copy on the shared base",
-          "trl": "TRL DPOTrainer with a separately loaded reference model"}
+SETUPS = {"lorelay": "lorelay DPO (stages.dpo.run): packed rows; reference = frozen adapter copy on the shared base",
+          "trl-onebase": "TRL DPOTrainer given the PEFT model, no ref_model (TRL's one-base reference), padded",
+          "trl": "TRL DPOTrainer with a separately loaded reference model, padded"}
+TRL_LOSS_PATH = "TRL fused head (every position on CPU; reply positions only with Triton)"
 
 
 def make_adapter(model_name: str, directory: Path) -> None:
@@ -120,14 +124,16 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
     finally:
         dpo_stage.callbacks = stage_callbacks
     metrics = json.loads((output / "metrics.json").read_text())
-    return {"reference": metrics.get("reference"), "padding_free": config.data.padding_free,
+    return {"reference": metrics.get("reference"), "batching": metrics.get("batching"),
+            "loss_path": "lorelay compact (LM head on reply tokens only)", "loss_type": config.loss_type,
+            "attn_implementation": base.attn_implementation,
             "activation_checkpointing": base.activation_checkpointing,
             "batch_size": config.training.batch_size,
             "gradient_accumulation_steps": config.training.gradient_accumulation_steps}
 
 
 def run_trl(options, subset: Path, work: Path, meter) -> dict:
-    """TRL's DPOTrainer with ``ref_model``: the policy and a second, merged copy of the base."""
+    """TRL's DPOTrainer: with ``ref_model`` (a second, merged copy of the base), or (``trl-onebase``) without."""
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -145,9 +151,11 @@ def run_trl(options, subset: Path, work: Path, meter) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                                        options.adapter, is_trainable=True)
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                                          options.adapter).merge_and_unload()
-    reference.eval()
+    reference = None
+    if options.setup == "trl":
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                              options.adapter).merge_and_unload()
+        reference.eval()
     mixture = dpo_stage.load_preferences(config)
     dataset = Dataset.from_list([dpo_stage.trainer_row(r) for r in mixture.train])
     args = DPOConfig(output_dir=str(work / "trl"), max_steps=options.steps, seed=SEED, data_seed=SEED,
@@ -161,7 +169,10 @@ def run_trl(options, subset: Path, work: Path, meter) -> dict:
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[meter])
     trainer.train()
-    return {"reference": "separate model (base + merged adapter)", "padding_free": False,
+    described = ("separate model (base + merged adapter)" if reference is not None else
+                 "adapter copy 'ref' on the one base (TRL)" if "ref" in policy.peft_config else "base (adapters off)")
+    return {"reference": described, "batching": "padded (TRL)", "loss_path": TRL_LOSS_PATH,
+            "loss_type": list(args.loss_type), "attn_implementation": policy.config._attn_implementation,
             "activation_checkpointing": False, "batch_size": training.batch_size,
             "gradient_accumulation_steps": training.gradient_accumulation_steps}
 

@@ -7,16 +7,17 @@ Every set-up trains the same LoRA adapter (lorelay's default shape) on the same 
 order (the first ``--samples`` records of the bundled chat data, shuffled by the one seed every
 Trainer uses), for the same number of optimizer steps, in fp32, with the same thread count:
 
-  a  the common naive recipe: the conversation rendered into one string, every sample padded to a
-     fixed max_length (512, or 4x the longest sample if that is larger), loss on every real token,
-     plain ``transformers.Trainer``;
+  a  the common naive recipe: the conversation rendered into one string, every sample padded to exactly
+     512 tokens, loss on every real token, plain ``transformers.Trainer``;
   b  TRL's ``SFTTrainer`` with its default settings (pad to the longest sample of each batch, loss on
      every token of a conversational dataset, activation checkpointing on) except precision: fp32,
      because TRL's bf16 default would turn this into a precision comparison;
   c  lorelay's defaults: ``stages.sft.run`` itself, with only the workload (data file, steps, no held-out
      split or sample generations) set;
   d  as c, with ``model.activation_checkpointing: true`` (lorelay turns it off on CPU for speed; this
-     shows what it would save in memory and cost in time).
+     shows what it would save in memory and cost in time);
+  t  TRL's best on CPU for c's objective (``bench/trl_best.py``): padding-free, assistant-only loss through
+     a generation-marked copy of the chat template, no activation checkpointing, no truncation.
 
 The result is one JSON object (``--out``): per-step wall time (consecutive step ends, so the data
 loader, the optimizer and logging are inside it), per-step token counts taken from the batches the
@@ -44,8 +45,15 @@ os.environ.setdefault("LORELAY_QUIET", "1")  # no progress bar in the children
 SETUPS = {"a": "naive: fixed-length padding, loss on every token, transformers.Trainer",
           "b": "TRL SFTTrainer defaults (fp32)",
           "c": "lorelay defaults (stages.sft.run)",
-          "d": "lorelay defaults + model.activation_checkpointing=true (the memory lever)"}
-NAIVE_MIN_LENGTH = 512
+          "d": "lorelay defaults + model.activation_checkpointing=true (the memory lever)",
+          "t": "TRL SFTTrainer at its best on CPU: padding-free, assistant-only loss, no checkpointing (fp32)"}
+NAIVE_LENGTH = 512
+# Where each set-up's LM head and loss run. TRL's fused head scores only labelled positions where Triton runs
+# (CUDA/XPU); on CPU it projects every position, in chunks, and recomputes the projection in its backward.
+LOSS_PATHS = {"a": "full logits (transformers' loss over every position)",
+              "b": "TRL fused head (every position on CPU)", "t": "TRL fused head (every position on CPU)",
+              "c": "lorelay compact (LM head on reply positions only)",
+              "d": "lorelay compact (LM head on reply positions only)"}
 SEED = 42
 LEARNING_RATE = 2e-4  # the same for every set-up; it does not change the cost of a step
 
@@ -105,7 +113,8 @@ def _meter_class():
             mask = batch.get("attention_mask")
             labels = batch.get("labels")
             stats = {"samples": len(features), "processed": int(input_ids.numel()),
-                     "real": int(mask.sum()) if mask is not None else int(input_ids.numel()),
+                     # a 4-D mask is a packed row's block mask: every position of the row is real
+                     "real": int(mask.sum()) if mask is not None and mask.dim() == 2 else int(input_ids.numel()),
                      # the labels the loss uses: shifted by one, -100 ignored
                      "loss": int((labels[..., 1:] != -100).sum()) if labels is not None else 0,
                      "reply": 0}
@@ -237,8 +246,7 @@ def run_naive(options, records: list[dict], work: Path, meter) -> dict:
 
     model, tokenizer = load_plain(options.model)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
-    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
-    max_length = max(NAIVE_MIN_LENGTH, 4 * longest)
+    max_length = NAIVE_LENGTH  # longer samples are cut there, as the recipe does
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
     encoded["labels"] = [[t if m else -100 for t, m in zip(ids, mask)]
                          for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
@@ -350,8 +358,16 @@ def main(argv=None) -> int:
             details = run_naive(options, records, work, meter)
         elif options.setup == "b":
             details = run_trl_defaults(options, records, work, meter)
+        elif options.setup == "t":
+            from trl_best import run_trl_best
+
+            details = run_trl_best(options, records, work, meter, load_plain, lorelay_lora, LEARNING_RATE, SEED)
         else:
             details = run_lorelay(options, subset, work, meter)
+    details.setdefault("attn_implementation", "sdpa (transformers default)")
+    details.update(loss_path=LOSS_PATHS[options.setup], loss_type="nll",
+                   padding="padding-free" if options.setup in "cdt" else
+                   ("fixed 512" if options.setup == "a" else "longest in batch"))
     result = {"setup": options.setup, "description": SETUPS[options.setup], **summarise(meter, warmup=options.warmup),
               "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline_rss, 1),
               "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 2), "details": details}

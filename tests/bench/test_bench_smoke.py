@@ -27,42 +27,84 @@ def run(*command: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
-    out = tmp_path / "results.json"
+    out = tmp_path / "cpu.json"
     run("bench/run.py", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--samples", "4",
-        "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1", "--dpo-samples", "8",
-        "--dpo-large-shape", "tiny", "--dpo-large-samples", "4", "--out", str(out), "--log", str(tmp_path / "bench.log"))
+        "--batch-size", "2", "--dpo-steps", "2", "--dpo-warmup", "1", "--dpo-samples", "8", "--repeats", "1",
+        "--out", str(out), "--log", str(tmp_path / "bench.log"))
     results = json.loads(out.read_text())
 
-    assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "dpo",
-            "dpo_weight_bound", "targets"} <= results.keys()
+    assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "sft_long", "dpo",
+            "dpo_long", "targets"} <= results.keys()
     sft = results["sft"]
-    assert sft["setups"].keys() == {"a", "b", "c", "d"}
-    for name, setup in sft["setups"].items():
+    assert list(sft["setups"]) == ["a", "b", "c", "t"]
+    for name, setup in [*sft["setups"].items(), *results["sft_long"]["setups"].items()]:
         assert SFT_KEYS <= setup.keys(), (name, SFT_KEYS - setup.keys())
         assert setup["unmatched_samples"] == 0, name  # every batch's samples were recognised
-    assert sft["same_samples"], "the three set-ups must train on the same samples"
-    assert sft["setups"]["c"]["padding_fraction"] == 0.0  # padding-free
+        assert {"loss_path", "loss_type", "padding", "attn_implementation"} <= setup["details"].keys(), name
+    assert sft["same_samples"], "the set-ups must train on the same samples"
+    assert sft["setups"]["c"]["padding_fraction"] == sft["setups"]["t"]["padding_fraction"] == 0.0  # padding-free
     assert sft["setups"]["a"]["padding_fraction"] > sft["setups"]["b"]["padding_fraction"] > 0
-    # lorelay's loss falls on the replies only; the others' on every token
-    c_tokens = sft["setups"]["c"]["tokens_per_step"]
-    assert c_tokens["loss"] == c_tokens["reply"] < c_tokens["real"]
-    for key in ("c_over_a", "c_over_b", "d_over_b"):
+    assert sft["setups"]["a"]["tokens_per_step"]["processed"] == 2 * 512  # padded to exactly 512
+    # lorelay and TRL at its best both take the loss on the replies only; the others on every token
+    for name in ("c", "t"):
+        tokens = sft["setups"][name]["tokens_per_step"]
+        assert tokens["loss"] == tokens["reply"] < tokens["real"], name
+    for key in ("c_over_a", "c_over_b", "c_over_t"):
         assert SFT_RATIO_KEYS <= sft["ratios"][key].keys()
+    assert list(results["sft_long"]["setups"]) == ["c", "t"]
 
     dpo = results["dpo"]
-    assert dpo["setups"].keys() == {"lorelay", "trl"}
-    for name, setup in dpo["setups"].items():
-        assert SETUP_KEYS <= setup.keys(), (name, SETUP_KEYS - setup.keys())
-    assert "adapter" in dpo["setups"]["lorelay"]["details"]["reference"]
-    assert {"step_time", "peak_rss", "peak_rss_above_baseline"} <= dpo["ratios"]["lorelay_over_trl"].keys()
-    large = results["dpo_weight_bound"]  # a random model of the named shape, one pair per step
-    assert large["setups"]["lorelay"]["details"]["batch_size"] == 1
-    assert large["setups"]["trl"]["details"]["gradient_accumulation_steps"] == 1
-    assert "random-tiny" in results["workload"]["dpo_weight_bound"]["model"]
+    assert list(dpo["setups"]) == ["lorelay", "trl-onebase", "trl"]
+    for name, setup in [*dpo["setups"].items(), *results["dpo_long"]["setups"].items()]:
+        assert SETUP_KEYS | {"pairs_per_s"} <= setup.keys(), (name, SETUP_KEYS - setup.keys())
+        assert {"loss_path", "loss_type", "batching", "attn_implementation"} <= setup["details"].keys(), name
+    lorelay = dpo["setups"]["lorelay"]
+    assert lorelay["details"]["batching"] == "packed, prompt shared" and lorelay["padding_fraction"] == 0.0
+    assert "adapter" in lorelay["details"]["reference"]
+    assert "one base" in dpo["setups"]["trl-onebase"]["details"]["reference"]
+    assert "separate" in dpo["setups"]["trl"]["details"]["reference"]
+    for key in ("lorelay_over_trl-onebase", "lorelay_over_trl"):
+        assert {"pairs_per_s", "peak_rss", "peak_rss_above_baseline", "speedup_per_round"} <= dpo["ratios"][key].keys()
 
-    assert len(results["targets"]) == 5
+    assert {t["name"] for t in results["targets"]} >= {"sft_c_over_t", "sft_long_c_over_t", "dpo_pairs_per_s",
+                                                        "dpo_long_pairs_per_s", "dpo_memory", "dpo_long_memory"}
     for target in results["targets"]:
         assert target["value"] is not None and isinstance(target["met"], bool), target
+    table = out.with_suffix(".md").read_text()
+    assert "| (t) TRL best |" in table and "## Targets" in table
+
+
+def test_long_reply_workload_has_the_promised_lengths(tokenizer):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from workloads import PROMPT_TOKENS, REPLY_TOKENS, long_reply_workload
+
+    sft, pairs = long_reply_workload(tokenizer, 12)
+
+    def tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for record in sft:
+        assert REPLY_TOKENS[0] <= tokens(record["messages"][-1]["content"]) <= REPLY_TOKENS[1]
+    for pair in pairs:
+        assert PROMPT_TOKENS[0] <= sum(tokens(m["content"]) for m in pair["prompt"]) <= PROMPT_TOKENS[1] + 60
+        for side in ("chosen", "rejected"):
+            assert REPLY_TOKENS[0] <= tokens(pair[side][0]["content"]) <= REPLY_TOKENS[1]
+    assert any(len(pair["prompt"]) == 3 for pair in pairs)  # some prompts are multi-turn
+
+
+def test_trl_best_template_renders_like_the_models_own(tokenizer):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from trl_best import generation_template
+
+    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                      {"role": "assistant", "content": "d"}]]
+    marked = generation_template(tokenizer, conversations)
+    assert "{% generation %}" in marked
+    rendered = tokenizer.apply_chat_template(conversations[1], tokenize=True, return_dict=True, chat_template=marked,
+                                             return_assistant_tokens_mask=True)
+    masked = [t for t, m in zip(rendered["input_ids"], rendered["assistant_masks"]) if m]
+    assert tokenizer.decode(masked) == "b<|im_end|>d<|im_end|>"
 
 
 @pytest.mark.slow
