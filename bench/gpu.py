@@ -1,23 +1,24 @@
-"""GPU benchmark (``make bench-gpu``): LoRA and QLoRA training throughput, memory and MFU of a 1B Llama.
+"""GPU benchmark (``make bench-gpu``): lorelay's own SFT and DPO stages on a 1B Llama, tokens/s, memory, MFU.
 
     make bench-gpu                                    # every available combination, ~10 minutes on one H100
     make bench-gpu ARGS="--docs docs/benchmarks.md"   # ... and write the table into the docs
     python bench/gpu.py --dry-run                     # CPU: a tiny model through every code path (tests)
 
-The model is a randomly initialised Llama built from its config (Llama-3.2-1B shapes; nothing is
-downloaded), saved once to a temporary directory so every combination trains the same weights, and
-loaded the way lorelay loads a base (``stages.core.modeling``: bf16, or 4-bit NF4 via bitsandbytes with
-k-bit preparation) with lorelay's default LoRA adapter on every linear layer. Combinations:
-{bf16 LoRA, 4-bit QLoRA} x {sdpa, flash_attention_2 (when flash_attn is installed)} x
-{Liger kernels off, on (when liger_kernel is installed)}, each in its own process so peak memory and
-Liger's class patches stay its own.
+What runs is the stage path a user runs, not a bare loop: ``stages.sft.run`` and ``stages.dpo.run`` (packed
+preference rows) with their defaults, on a randomly initialised Llama of Llama-3.2-1B's shapes (built from
+its config, nothing downloaded; the embedded SmolLM2 tokenizer, whose ids fit its 128k vocabulary), loaded
+as lorelay loads a base (``stages.core.modeling``: bf16, or 4-bit NF4 QLoRA), with the stages' own bf16
+autocast, optimizer and data path. Synthetic chat samples of fixed lengths (``--prompt-len`` user tokens,
+``--reply-len`` reply tokens) make the token counts exact. Combinations: {bf16 LoRA, 4-bit QLoRA} x {sdpa,
+flash_attention_2 (when flash_attn is installed)} x {Liger kernels off, on (``training.use_liger_kernel``,
+when liger_kernel is installed)}, each in its own process.
 
-MFU is achieved model FLOP/s over the bf16 matrix rate measured first on this GPU (a large
-``torch.matmul``), not the data-sheet peak. LoRA does about 4·N FLOP per token (forward 2·N, backward
-2·N for the activation gradients; the frozen weights get no weight gradients), so ``mfu_4n`` is the
-honest figure; ``mfu_6n`` (the usual full fine-tuning count) is reported beside it for comparison.
-N counts the weights of every matrix multiply (decoder linears and the LM head, not the embedding
-lookup); attention-score FLOPs and activation recomputation are not counted.
+MFU is achieved model FLOP/s over the GPU's datasheet dense bf16 peak (``PEAK_BF16_TFLOPS``; the measured
+matmul rate where the GPU is not listed, and on the dry run). FLOP per token: LoRA does about 4·N (forward
+2·N, backward 2·N for activation gradients; frozen weights get no weight gradients), plus attention
+(12 · layers · hidden · sequence length, forward and backward, causal half not subtracted); DPO adds the
+reference forward (2·N + attention/3 per token) unless its log-probs were precomputed. N counts the weights
+of every matrix multiply (decoder linears and the LM head). LoRA's own small matmuls are not counted.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
 NO_CUDA = ("bench-gpu needs a CUDA GPU, and torch.cuda.is_available() is False here.\n"
            "  On a CUDA machine: make setup TORCH=torch && make bench-gpu\n"
            "  To check the code paths on CPU with a tiny model: python bench/gpu.py --dry-run")
+
+
+# Datasheet dense (no sparsity) bf16 tensor-core TFLOP/s, matched on the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "GH200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+                    "H100 PCIe": 756.0, "H100": 756.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.1, "L40": 181.0,
+                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 6000 Ada": 364.2}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """FLOP/s of the first (most specific) entry whose name is in ``device_name``."""
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name in device_name:
+            return tflops * 1e12
+    return None
 
 
 def installed(module: str) -> bool:
@@ -79,12 +94,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_parameters(model) -> int:
+def matmul_parameters(config) -> int:
     """N: weights that take part in a matrix multiply per token (every nn.Linear incl. the LM head).
 
     Counted from the config so that 4-bit packing does not change it.
     """
-    config = model.config
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     attention = h * head_dim * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
@@ -97,91 +111,127 @@ def matmul_parameters(model) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def make_checkpoint(directory: Path, shapes: dict, device: str, dtype_name: str) -> None:
-    """Build the random Llama from its config on ``device`` and save it (the same weights for every run)."""
+    """The random Llama built from its config (the same weights for every run), with the embedded tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from stages.core.default_model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     torch.manual_seed(0)
-    config = LlamaConfig(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(**{**shapes, "vocab_size": max(shapes["vocab_size"], len(tokenizer))},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(getattr(torch, dtype_name))
     model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
 
-def load(checkpoint: Path, combo: dict, device: str):
-    """The base as lorelay loads it (dtype, attention, 4-bit + k-bit preparation), plus lorelay's LoRA."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def synthetic_data(directory: Path, tokenizer, options) -> dict[str, Path]:
+    """Chat samples and pairs whose prompt and replies have exactly the requested token counts."""
+    import random
 
-    from stages.core.modeling import LoraSettings, attach_adapter, bnb_config
+    rng = random.Random(0)
+    words = [w for w in (tokenizer.decode([i]).strip() for i in range(1000, 6000)) if w.isalpha() and len(w) > 3]
 
-    dtype = getattr(torch, combo["dtype"])
-    kwargs = dict(dtype=dtype, attn_implementation=combo["attention"])
-    if combo["quantization"] == "4bit":
-        kwargs.update(quantization_config=bnb_config("4bit", dtype), device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
-    if combo["quantization"] == "none":
-        model.to(device)
-    model.config.use_cache = False
-    if combo["quantization"] == "4bit":
-        from peft import prepare_model_for_kbit_training
+    def text(tokens: int) -> str:
+        ids = tokenizer(" ".join(rng.choice(words) for _ in range(tokens)), add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[:tokens])
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=combo["checkpointing"])
-    elif combo["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if combo["checkpointing"]:
-        model.enable_input_require_grads()
-    return attach_adapter(model, LoraSettings())
+    count = options.batch_size * (options.warmup + options.steps)
+    sft = [{"messages": [{"role": "user", "content": text(options.prompt_len)},
+                         {"role": "assistant", "content": text(options.reply_len)}]} for _ in range(count)]
+    pairs = [{"prompt": text(options.prompt_len), "chosen": text(options.reply_len), "rejected": text(options.reply_len)}
+             for _ in range(count)]
+    paths = {"sft": directory / "sft.jsonl", "dpo": directory / "pairs.jsonl"}
+    for key, rows in (("sft", sft), ("dpo", pairs)):
+        paths[key].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return paths
+
+
+def run_stage(stage: str, combo: dict, checkpoint: Path, data: Path, work: Path, options) -> dict:
+    """One stage run through its own ``run``, timed per optimizer step by a callback beside the stage's."""
+    import stages.dpo as dpo_stage
+    import stages.sft as sft_stage
+    from stages.core.data import DatasetSpec
+    from stages.core.modeling import ModelConfig, load_base
+
+    sys.path.insert(0, str(HERE))
+    from sft_bench import _meter_class, summarise
+
+    model_config = ModelConfig(name=str(checkpoint), quantization=combo["quantization"],
+                               attn_implementation=combo["attention"], activation_checkpointing=combo["checkpointing"],
+                               dtype="float32" if options.dry_run else "bfloat16")
+    base = load_base(model_config)
+    steps = options.warmup + options.steps
+    common = dict(output_dir=work / stage, max_steps=steps, batch_size=options.batch_size, logging_steps=steps,
+                  use_liger_kernel=combo["liger"], warmup_ratio=0.0)
+    if stage == "sft":
+        module = sft_stage
+        config = sft_stage.SFTConfig(model=model_config, training=sft_stage.TrainingConfig(**common),
+                                     data=sft_stage.SFTData(datasets=[DatasetSpec(path=str(data))], eval_ratio=0.0,
+                                                            sample_prompts=0))
+    else:
+        module = dpo_stage
+        config = dpo_stage.DPOConfig(model=model_config,
+                                     training=dpo_stage.DPOTraining(**common, gradient_accumulation_steps=1),
+                                     data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(data))],
+                                                                   eval_ratio=0.0, max_length=None),
+                                     sample_prompts=1, max_new_tokens=1)
+    meter = _meter_class()()
+    stage_callbacks = module.callbacks
+    module.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
+    try:
+        output = module.run(config, base)
+    finally:
+        module.callbacks = stage_callbacks
+    summary = summarise(meter, warmup=options.warmup)
+    metrics = json.loads((output / "metrics.json").read_text())
+    result = {"stage": stage, "step_time_s": summary["step_time_s"], "tokens_per_step": summary["tokens"]["real"]
+              / max(summary["measured_steps"], 1), "batching": metrics.get("batching", "padding-free (SFT)")}
+    result["tokens_per_s"] = round(result["tokens_per_step"] / result["step_time_s"], 1)
+    if stage == "dpo":
+        result["pairs_per_s"] = round(options.batch_size / result["step_time_s"], 3)
+        result["reference_forward"] = "precomputed" if dpo_stage.precompute_reference(config) else "every step"
+    return result
+
+
+def flops_per_token(n: int, config, sequence: int, stage: str, reference_forward: bool) -> float:
+    """Training FLOP per processed token: LoRA 4·N plus attention, and the reference forward for DPO."""
+    attention = 12 * config.num_hidden_layers * config.hidden_size * sequence
+    flops = 4 * n + attention
+    if stage == "dpo" and reference_forward:
+        flops += 2 * n + attention / 3
+    return flops
 
 
 def train_combo(combo: dict, checkpoint: Path, options) -> dict:
+    """Both stages for one combination; tokens/s, peak memory, and the numbers MFU needs."""
     import torch
+    from transformers import AutoConfig, AutoTokenizer
 
     device = options.device
-    if combo["liger"]:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    config = AutoConfig.from_pretrained(checkpoint)
+    n = matmul_parameters(config)
+    result = {**combo, "n_matmul_params": n, "stages": {}}
+    with tempfile.TemporaryDirectory(prefix="lorelay-gpu-stage-") as tmp:
+        data = synthetic_data(Path(tmp), AutoTokenizer.from_pretrained(checkpoint), options)
+        for stage in ("sft", "dpo"):
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            run = run_stage(stage, combo, checkpoint, data[stage], Path(tmp), options)
+            # SFT rows hold prompt + reply; a packed DPO row holds the prompt once and both replies after it
+            sequence = options.prompt_len + options.reply_len
+            run["flops_per_token"] = flops_per_token(n, config, sequence, stage,
+                                                     run.get("reference_forward") == "every step")
+            if device.startswith("cuda"):
+                run["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            else:
+                import resource
 
-        # Class-level patches (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy): this process only.
-        apply_liger_kernel_to_llama()
-    model = load(checkpoint, combo, device)
-    model.train()
-    n = matmul_parameters(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.startswith("cuda"))
-    vocab = model.config.vocab_size
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(options.warmup + options.steps):
-        ids = torch.randint(0, vocab, (options.batch_size, options.seq_len), generator=generator).to(device)
-        synchronize(device)
-        started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if step >= options.warmup:
-            times.append(time.perf_counter() - started)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}")
-    tokens = options.batch_size * options.seq_len
-    tokens_per_s = tokens * len(times) / sum(times)
-    result = {**combo, "n_matmul_params": n, "tokens_per_step": tokens,
-              "step_time_s": round(sum(times) / len(times), 4), "tokens_per_s": round(tokens_per_s, 1),
-              "achieved_tflops_4n": round(4 * n * tokens_per_s / 1e12, 2),
-              "achieved_tflops_6n": round(6 * n * tokens_per_s / 1e12, 2),
-              "trainable_parameters": sum(p.numel() for p in trainable), "final_loss": round(loss.item(), 4)}
-    if device.startswith("cuda"):
-        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
-    else:
-        import resource
-
-        result["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+                run["peak_memory_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+            result["stages"][stage] = run
     return result
 
 
@@ -219,7 +269,8 @@ def combinations(options) -> tuple[list[dict], list[str]]:
 
 def child_command(options, extra: list[str]) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--batch-size", str(options.batch_size),
-               "--seq-len", str(options.seq_len), "--steps", str(options.steps), "--warmup", str(options.warmup),
+               "--prompt-len", str(options.prompt_len), "--reply-len", str(options.reply_len),
+               "--steps", str(options.steps), "--warmup", str(options.warmup),
                "--device", options.device, *extra]
     if options.dry_run:
         command.append("--dry-run")
@@ -230,20 +281,25 @@ def child_command(options, extra: list[str]) -> list[str]:
 
 def markdown(results: dict) -> str:
     lines = [f"Measured {results['date']} on **{results['device_name']}** (torch {results['versions']['torch']}, "
-             f"transformers {results['versions']['transformers']}); bf16 matmul rate measured "
-             f"{results['matmul_tflops']:.1f} TFLOP/s. Model: random {results['model']} "
-             f"(N = {results['n_matmul_params'] / 1e9:.2f}B matmul weights), batch {results['batch_size']} x "
-             f"{results['seq_len']} tokens, activation checkpointing {'on' if results['checkpointing'] else 'off'}, "
-             "lorelay's LoRA (r 16, every linear layer).", "",
-             "| base | attention | Liger | tokens/s | peak GiB | MFU 4·N | MFU 6·N |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             f"transformers {results['versions']['transformers']}); MFU over {results['peak_source']} "
+             f"{results['peak_tflops']:.1f} TFLOP/s. Model: random {results['model']} "
+             f"(N = {results['n_matmul_params'] / 1e9:.2f}B matmul weights). lorelay's stages with their defaults "
+             f"(LoRA r 16 on every linear layer, bf16 autocast), batch {results['batch_size']} of "
+             f"{results['prompt_len']}-token prompts and {results['reply_len']}-token replies, activation "
+             f"checkpointing {'on' if results['checkpointing'] else 'off'}. FLOP per token: 4·N + attention "
+             "(+ the reference forward for DPO).", "",
+             "| stage | base | attention | Liger | tokens/s | pairs/s | peak GiB | MFU |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
         base = f"{'bf16' if r['dtype'] == 'bfloat16' else r['dtype']} LoRA" if r["quantization"] == "none" else "4-bit QLoRA"
+        liger = "on" if r["liger"] else "off"
         if "error" in r:
-            lines.append(f"| {base} | {r['attention']} | {'on' if r['liger'] else 'off'} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| - | {base} | {r['attention']} | {liger} | failed: {r['error'][:80]} | | | |")
             continue
-        lines.append(f"| {base} | {r['attention']} | {'on' if r['liger'] else 'off'} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_memory_gib']:.1f} | {r['mfu_4n']:.0%} | {r['mfu_6n']:.0%} |")
+        for stage, s in r["stages"].items():
+            pairs = f"{s['pairs_per_s']:.2f}" if "pairs_per_s" in s else ""
+            lines.append(f"| {stage} | {base} | {r['attention']} | {liger} | {s['tokens_per_s']:,.0f} | {pairs} | "
+                         f"{s['peak_memory_gib']:.1f} | {s['mfu']:.1%} |")
     for reason in results["skipped"]:
         lines.append(f"\nNot run: {reason}.")
     return "\n".join(lines) + "\n"
@@ -269,11 +325,15 @@ def parent(options) -> int:
 
     device_name = torch.cuda.get_device_name(0) if not options.dry_run else "CPU (dry run)"
     size, repeats = (512, 3) if options.dry_run else (8192, 50)
-    rate = matmul_rate(options.device, size, repeats)
+    measured = matmul_rate(options.device, size, repeats)
+    datasheet = None if options.dry_run else datasheet_peak(device_name)
+    rate = datasheet or measured
     combos, skipped = combinations(options)
     results = {"date": time.strftime("%Y-%m-%d"), "device_name": device_name, "dry_run": options.dry_run,
                "model": "tiny Llama (dry run)" if options.dry_run else "Llama-3.2-1B shapes",
-               "matmul_tflops": round(rate / 1e12, 2), "batch_size": options.batch_size, "seq_len": options.seq_len,
+               "matmul_tflops": round(measured / 1e12, 2), "peak_tflops": round(rate / 1e12, 2),
+               "peak_source": "the datasheet dense bf16 peak" if datasheet else "the measured matmul rate",
+               "batch_size": options.batch_size, "prompt_len": options.prompt_len, "reply_len": options.reply_len,
                "checkpointing": options.checkpointing, "skipped": skipped, "runs": [],
                "versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "peft")}}
     print(f"bench-gpu: {device_name}, bf16 matmul {rate / 1e12:.1f} TFLOP/s; {len(combos)} combinations", flush=True)
@@ -287,18 +347,15 @@ def parent(options) -> int:
                                               "--out", str(out)])
             code = subprocess.run(command).returncode
             run = json.loads(out.read_text()) if out.exists() else {**combo, "error": f"exit code {code}"}
-            if "tokens_per_s" in run:
-                # From the unrounded rate: the rounded TFLOP/s figures are 0.0x on a dry run.
-                flops_per_token = run["n_matmul_params"] * run["tokens_per_s"]
-                run["mfu_4n"] = round(4 * flops_per_token / rate, 6)
-                run["mfu_6n"] = round(6 * flops_per_token / rate, 6)
+            for stage in run.get("stages", {}).values():
+                stage["mfu"] = round(stage["flops_per_token"] * stage["tokens_per_s"] / rate, 6)
                 results["n_matmul_params"] = run["n_matmul_params"]
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
     results.setdefault("n_matmul_params", 0)
-    lora_bf16 = [r.get("mfu_4n", 0) for r in results["runs"] if r["quantization"] == "none"]
-    results["target_lora_mfu_4n_at_least_0.40"] = {"best": max(lora_bf16, default=None),
-                                                   "met": bool(lora_bf16) and max(lora_bf16) >= 0.40}
+    lora_bf16 = [r["stages"]["sft"]["mfu"] for r in results["runs"] if r["quantization"] == "none" and "stages" in r]
+    results["target_sft_lora_mfu_at_least_0.40"] = {"best": max(lora_bf16, default=None),
+                                                    "met": bool(lora_bf16) and max(lora_bf16) >= 0.40}
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
@@ -313,7 +370,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU: exercise the code paths")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default 4; dry run 2)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 2048; dry run 64)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="user tokens per sample (default 512; dry run 16)")
+    parser.add_argument("--reply-len", type=int, default=None, help="reply tokens per sample (default 1024; dry run 16)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 10; dry run 2)")
     parser.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; dry run 1)")
     parser.add_argument("--checkpointing", action="store_true",
@@ -327,7 +385,8 @@ def parse_args(argv=None):
     parser.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     small = options.dry_run
-    defaults = dict(batch_size=2 if small else 4, seq_len=64 if small else 2048, steps=2 if small else 10,
+    defaults = dict(batch_size=2 if small else 4, prompt_len=16 if small else 512, reply_len=16 if small else 1024,
+                    steps=2 if small else 10,
                     warmup=1 if small else 3, device="cpu" if small else "cuda:0",
                     out=(Path(tempfile.gettempdir()) / "lorelay-gpu-dry-run.json") if small else HERE / "gpu_results.json")
     for key, value in defaults.items():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ class TrainingConfig:
     report_to: list[str] = field(default_factory=list, help="Trackers: tensorboard, wandb (used when installed).")
     resume: bool = field(False, help="Continue from the last checkpoint in <output_dir>.partial (--resume).")
     restart: bool = field(False, help="Discard the checkpoints an interrupted earlier run left and start over (--restart).")
+    use_liger_kernel: bool = field(
+        False, help="Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the model (TRL/transformers' "
+                    "use_liger_kernel). CUDA only; needs `pip install liger-kernel`. The LM head and loss stay "
+                    "lorelay's (reply tokens only) where those apply.")
     on_nonfinite: Literal["stop", "skip"] = field(
         "stop", help="A NaN/inf loss or gradient: stop, keeping the last good checkpoint, or skip that step "
                      "(counted in metrics.json; 6 bad steps in a row still stop).")
@@ -65,6 +70,9 @@ class TrainingConfig:
         if self.resume and self.restart:
             raise ConfigError("resume and restart exclude each other", field="restart",
                               hint="--resume continues the interrupted run, --restart discards it")
+        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("liger-kernel is not installed", field="use_liger_kernel",
+                              hint="pip install liger-kernel (CUDA), or set use_liger_kernel: false")
         if self.early_stopping_patience is not None and self.eval_steps is None:
             raise ConfigError("early stopping needs periodic evaluation", field="early_stopping_patience",
                               hint="set training.eval_steps")
@@ -134,6 +142,9 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
     import torch
 
     on_cuda = base.device.startswith("cuda")
+    if training.use_liger_kernel and not on_cuda:
+        raise ConfigError("Liger's kernels are Triton kernels and need a CUDA GPU", field="training.use_liger_kernel",
+                          hint="set training.use_liger_kernel: false on this machine")
     bf16 = base.dtype == torch.bfloat16
     fp16 = base.dtype == torch.float16
     optimizer = training.optimizer
@@ -183,6 +194,7 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        use_liger_kernel=training.use_liger_kernel,
     )
     args.update(stage_args)
     return config_class(**args)
