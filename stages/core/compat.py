@@ -55,9 +55,12 @@ def packed_dpo_trainer():
             super().__init__(model, *positional, args=args, data_collator=data_collator, **keywords)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.batching.packed or return_outputs:
+            if not self.batching.packed:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+            if return_outputs:  # only with a compute_metrics function, which the stage never passes
+                raise NotImplementedError("packed DPO batches have no per-position logits to return to "
+                                          "compute_metrics (deprecated in TRL); set data.padding_free: false")
             mode = "train" if self.model.training else "eval"
             loss, metrics, row_tokens = dpo_step.loss_and_metrics(self, model, inputs)
             log_trainer_metrics(self, mode, metrics)

@@ -19,7 +19,7 @@ SFT_RATIO_KEYS = {"reply_tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s"
                   "speedup_step_time", "peak_rss", "peak_rss_above_baseline", "speedup_per_round"}
 
 
-def run(*command: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run(*command: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
