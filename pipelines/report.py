@@ -128,6 +128,46 @@ def loss_curves(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
     return True
 
 
+RL_PANELS = (("reward", "mean reward per function"), ("length", "completion length (tokens)"),
+             ("ratios", "truncated / clipped ratio, KL"))
+
+
+def reward_curves(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
+    """For each RL stage (a ``train_history`` with per-reward means, as GRPO writes): rewards, lengths, ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {}
+    for stage in run.get("stages", []):
+        metrics_file = run_dir / stage["output_dir"] / "metrics.json"
+        history = json.loads(metrics_file.read_text()).get("train_history", []) if metrics_file.exists() else []
+        if any(key.startswith("reward_") for row in history for key in row):
+            histories[stage["name"]] = history
+    if not histories:
+        return False
+    figure, axes = plt.subplots(len(histories), len(RL_PANELS), figsize=(13, 3 * len(histories)), squeeze=False)
+    for row_axes, (name, history) in zip(axes, histories.items()):
+        steps = [row["step"] for row in history]
+        series = {"reward": sorted({k for row in history for k in row if k.startswith("reward_")}),
+                  "length": ["completion_length"], "ratios": ["truncated_ratio", "clipped_ratio", "kl"]}
+        for axis, (panel, title) in zip(row_axes, RL_PANELS):
+            for key in series[panel]:
+                values = [row.get(key) for row in history]
+                if any(v is not None for v in values):
+                    axis.plot(steps, values, marker=".", label=key.removeprefix("reward_"))
+            axis.set_title(f"{name}: {title}")
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def metrics_by_stage(run: dict[str, Any], path: Path) -> bool:
     import matplotlib
 
@@ -200,6 +240,11 @@ def write_report(run_dir: Path, run: dict[str, Any], console=None) -> Path:
              ""]
     if loss_curves(run_dir, run, plots / "loss_curves.png"):
         parts += ["## Loss curves", "", "![loss curves](plots/loss_curves.png)", ""]
+    if reward_curves(run_dir, run, plots / "reward_curves.png"):
+        parts += ["## Rewards during RL (GRPO)", "", "Mean of each reward over the sampled replies of each step "
+                  "(before weighting), reply length, the share of replies cut at max_completion_length, the share of "
+                  "tokens whose ratio was clipped, and the KL to the reference when beta > 0.", "",
+                  "![reward curves](plots/reward_curves.png)", ""]
     if metrics_by_stage(run, plots / "metrics_by_stage.png"):
         parts += ["## Metrics by stage", "", "![metrics by stage](plots/metrics_by_stage.png)", ""]
     samples = sample_replies(run_dir, run)
