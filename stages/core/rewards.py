@@ -291,17 +291,6 @@ def pass_rates(rewards: Sequence[Reward], prompts: Sequence, completions: Sequen
     return rates
 
 
-def weighted_sum(rewards: Sequence[Reward], prompts: Sequence, completions: Sequence,
-                 columns: Mapping[str, Sequence]) -> list[float]:
-    """Sum of weight x value over the rewards that apply to each row (TRL's GRPO combines them the same way)."""
-    totals = [0.0] * len(completions)
-    for reward in rewards:
-        for index, value in enumerate(reward(prompts, completions, **columns)):
-            if value is not None:
-                totals[index] += reward.weight * value
-    return totals
-
-
 # ----------------------------------------------------------------------------------------------
 # completions as text
 # ----------------------------------------------------------------------------------------------

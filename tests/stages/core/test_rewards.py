@@ -10,7 +10,7 @@ import pytest
 
 from stages.core.config import field, load_config
 from stages.core.errors import ConfigError
-from stages.core.rewards import REWARDS, Reward, RewardSpec, check_rewards, load_rewards, pass_rates, weighted_sum
+from stages.core.rewards import REWARDS, Reward, RewardSpec, check_rewards, load_rewards, pass_rates
 
 
 @dataclasses.dataclass
@@ -93,7 +93,6 @@ def test_pass_rates_count_only_rows_where_a_check_applies():
                "empty": [None] * 4}
     assert pass_rates(rewards, ["p"] * 4, completions, columns) == \
         {"exact_match": 0.5, "ends_with": 0.5, "never_applies": None}
-    assert weighted_sum(rewards, ["p"] * 4, completions, columns) == [1.0, 0.0, 1.0, 0.0]
 
 
 # ---- user functions ----------------------------------------------------------------------------
