@@ -123,8 +123,8 @@ def tokenize_records(tokenizer, records: Sequence[dict], *, max_length: int | No
 
     Tokenized by ``Dataset.map`` (batched, ``num_proc`` processes) under accelerate's
     ``main_process_first``, as TRL prepares its own datasets. Records travel into the map as JSON
-    text: Arrow gives every nested object the keys of all the others (each plain message would carry
-    ``tool_calls: None``, which a template testing ``is defined`` renders).
+    text: Arrow gives every nested object the keys of all the others, so a tool call's ``arguments``
+    would gain the other calls' argument names as nulls, and the template would render them.
     """
     from accelerate import PartialState
     from datasets import Dataset

@@ -99,17 +99,20 @@ def test_a_bad_record_inside_the_map_names_its_line(tokenizer):
 
 
 def test_records_are_tokenized_as_the_template_renders_them_alone(tokenizer):
-    # A template that tests whether a key is defined: Arrow rows would give plain messages tool_calls=None.
-    chat_template_with_calls = (
+    # As Arrow rows, the second call's arguments would read {"a": null, "b": null, "city": "Paris"}.
+    template = (
         "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
-        "{%- if m.tool_calls is defined -%}{{ ' [' + m.tool_calls | map(attribute='function.name') | join(',') + ']' }}"
-        "{%- endif -%}{{ '<|im_end|>\n' }}{%- endfor -%}"
+        "{%- for call in m.tool_calls or [] -%}{{ call.function.name + call.function.arguments | tojson }}{%- endfor -%}"
+        "{{ '<|im_end|>\n' }}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
-    tok = with_template(tokenizer, chat_template_with_calls)
-    calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
-    records = [{"messages": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "Done.",
-                                                                   "tool_calls": calls}], "tools": None, "source": "x:1"},
-               {"messages": REASONING[:2], "tools": None, "source": "x:2"}]
+    tok = with_template(tokenizer, template)
+    records = [{"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": "Calling.", "tool_calls": [
+                                 {"type": "function", "function": {"name": name, "arguments": arguments}}]}],
+                "tools": None, "source": f"x:{line}"}
+               for line, (question, name, arguments) in enumerate(
+                   [("Add.", "add", {"a": 1, "b": 2}), ("Weather?", "weather", {"city": "Paris"})], start=1)]
     dataset, _ = tokenize_records(tok, records, max_length=None)
-    assert [row["input_ids"] for row in dataset] == [
-        tok.apply_chat_template(r["messages"])["input_ids"] for r in records]
+
+    assert [row["input_ids"] for row in dataset] == [tok.apply_chat_template(r["messages"])["input_ids"] for r in records]
+    assert '{"city": "Paris"}' in tok.decode(dataset[1]["input_ids"])
