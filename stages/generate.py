@@ -57,6 +57,15 @@ class GenerateConfig:
     def __post_init__(self):
         if self.samples_per_prompt < 2:
             raise ConfigError("at least 2 samples are needed to form a pair", field="samples_per_prompt")
+        for name in ("max_new_tokens", "batch_size", "max_prompts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"must be at least 1, got {value}", field=name)
+        if not self.temperature > 0:
+            raise ConfigError(f"must be above 0 for sampling, got {self.temperature}", field="temperature",
+                              hint="replies sampled at temperature 0 are all alike and form no pair")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.top_p}", field="top_p")
 
 
 def load_prompts(spec: DatasetSpec, limit: int | None) -> list[dict]:
@@ -188,12 +197,13 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
 
 
 def preflight(config: GenerateConfig, skip=lambda path: False) -> None:
-    """A reward model is named, and the first prompts read as run() reads them."""
+    """A reward model is named, its checks import, and the first prompts read as run() reads them."""
     if config.reward_model is None:
         raise ConfigError("a reward stage directory is needed to judge samples", field="reward_model",
                           hint="in a pipeline: inputs: {reward_model: rm}")
     if not skip(str(config.reward_model)) and not Path(config.reward_model).is_dir():
         raise ConfigError("no such reward stage directory", file=config.reward_model, field="reward_model")
+    load_rewards(config.checks, where="checks")
     if not skip(config.prompts.path):
         load_prompts(config.prompts, SAMPLE_ROWS)
 

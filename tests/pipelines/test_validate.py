@@ -69,6 +69,8 @@ def test_a_stage_override_is_blamed_as_an_override(tmp_path, tiny_model_dir, dat
     ({"init_from": "gen"}, "stage 'dpo' starts from 'gen', a generate stage that trains no adapter"),
     ({"inputs": {"reward_model": "sft"}}, "takes its reward model from 'sft', a sft stage, not a reward model"),
     ({"settings": {"data": {"datasets": [{"path": "missing.jsonl"}]}}}, "missing.jsonl: stage 'dpo': file not found"),
+    ({"name": "gen", "type": "generate", "init_from": "auto", "inputs": {"reward_model": "sft"},
+      "settings": {"temperature": 0}}, "field 'temperature': stage 'gen': must be above 0 for sampling, got 0"),
 ])
 def test_every_stage_is_checked_before_the_first_one_runs(tmp_path, tiny_model_dir, data, no_model_loads,
                                                            stage_change, message):
