@@ -98,16 +98,16 @@ def workload(data: Path, samples: int, work: Path) -> Path:
 
 
 def lorelay_config(options, subset: Path, work: Path):
-    import stages.dpo as dpo_stage
     from stages.core.data import DatasetSpec
     from stages.core.modeling import ModelConfig
+    from stages.core.preference.config import DPOConfig, DPOTraining, PreferenceData
 
-    training = dpo_stage.DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED)
+    training = DPOTraining(output_dir=work / "dpo", max_steps=options.steps, seed=SEED)
     training.batch_size = options.batch_size or training.batch_size
     training.gradient_accumulation_steps = options.accumulation or training.gradient_accumulation_steps
-    return dpo_stage.DPOConfig(
+    return DPOConfig(
         model=ModelConfig(name=options.model),
-        data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0), training=training)
+        data=PreferenceData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0), training=training)
 
 
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:

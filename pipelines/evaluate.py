@@ -10,7 +10,8 @@ started from) on the same prompts by judges no stage trained against (``stages.c
 - ``judge_*``: the configured pairwise judge (a local model or an endpoint), asked in both orders;
 
 and, labelled as its opinion, ``rm_*``: the trained reward model, which may have picked the very pairs a
-stage learned from.
+stage learned from. Prompts, greedy replies and reward-model scoring are ``stages.core.evaluation``'s, the
+same functions the DPO recipe judges its policy with.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 from stages.core.config import to_dict
 from stages.core.data import DatasetSpec, read_rows
 from stages.core.errors import ConfigError
-from stages.core.evaluation import generate, perplexity_from_loss, task_accuracy
+from stages.core.evaluation import (greedy_replies, judge_replies, perplexity_from_loss, read_prompts, reward_verdicts,
+                                    task_accuracy)
 from stages.core.judges import (check_outcomes, check_rates, check_verdicts, column_lists, swapped_verdicts,
                                 tally)
 from stages.core.lifecycle import borrow
@@ -75,10 +77,10 @@ class Evaluator:
         self.config_hash = hashlib.sha256(json.dumps(replies_config, sort_keys=True).encode()).hexdigest()[:16]
         limit = config.max_items
         self.tasks = read_jsonl_rows(config.tasks, limit) if config.tasks else []
-        rows = read_jsonl_rows(config.prompts, limit) if config.prompts else []
-        self.prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        rows = read_prompts(config.prompts, limit) if config.prompts else []
+        self.prompts = [r["messages"] for r in rows]
         # A check reads the prompt rows' other columns (e.g. `queue`, `sign_off`); replies are its completions.
-        self.columns = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in rows]
+        self.columns = [{k: v for k, v in r["columns"].items() if k not in ("chosen", "rejected")} for r in rows]
         self.checks = load_rewards(config.checks, where="evaluation.checks")
         if self.checks and not rows:
             raise ConfigError("evaluation.checks judge the replies to evaluation.prompts: give prompts",
@@ -111,8 +113,7 @@ class Evaluator:
                 metrics["heldout_perplexity"] = text_perplexity(model, tokenizer, self.config.perplexity_text)
             replies = []
             if self.prompts:
-                replies = [r[0] for r in generate(model, tokenizer, self.prompts,
-                                                  max_new_tokens=self.config.max_new_tokens)]
+                replies = greedy_replies(model, tokenizer, self.prompts, max_new_tokens=self.config.max_new_tokens)
         outcomes = check_outcomes(self.checks, self.prompts, replies, self.columns) if replies else []
         metrics.update({name: rate for name, rate in check_rates(outcomes).items() if rate is not None})
         if is_main_process():
@@ -146,22 +147,12 @@ class Evaluator:
                                             [r["reply"] for r in replies[name]], [r["reply"] for r in replies[parent]])
                 results[name].update(tally(verdicts, "judge_"))
         if reward_model_dir is not None:
-            by_policy = self._reward_model_scores(reward_model_dir, replies)
+            texts = {name: [r["reply"] for r in rows] for name, rows in replies.items()}
+            prompts = [[{"role": "user", "content": r["prompt"]}] for r in next(iter(replies.values()))]
+            self.console.print(f"[dim]scoring {sum(map(len, texts.values()))} replies with {reward_model_dir}...[/dim]")
+            by_policy = judge_replies(self.base, reward_model_dir, prompts, texts)
             for name, parent in pairs:
                 mine, theirs = by_policy[name], by_policy[parent]
-                results[name].update(tally([(a > b) - (a < b) for a, b in zip(mine, theirs)], "rm_"),
-                                     rm_mean_reward=sum(mine) / len(mine))
+                verdicts = reward_verdicts(mine, theirs, my_replies=texts[name], their_replies=texts[parent])
+                results[name].update(tally(verdicts, "rm_"), rm_mean_reward=sum(mine) / len(mine))
         return results
-
-    def _reward_model_scores(self, reward_model_dir: Path, replies: dict[str, list[dict]]) -> dict[str, list[float]]:
-        from stages.reward import reward_model, score
-
-        conversations, index = [], {}
-        for name, rows in replies.items():
-            index[name] = len(conversations)
-            conversations += [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["reply"]}]
-                              for r in rows]
-        self.console.print(f"[dim]scoring {len(conversations)} replies with {reward_model_dir}...[/dim]")
-        with reward_model(self.base, reward_model_dir) as judge:
-            scores = score(judge, self.base.tokenizer, conversations)
-        return {name: scores[index[name]:index[name] + len(rows)] for name, rows in replies.items()}

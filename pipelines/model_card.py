@@ -303,7 +303,7 @@ hf download {repo} --local-dir {name}
 
 ```python
 from stages.core.modeling import ModelConfig, load_base
-from stages.reward import reward_model, score
+from stages.core.scoring import reward_model, score
 
 base = load_base(ModelConfig(name="BASE_MODEL"))
 with reward_model(base, "{name}") as model:

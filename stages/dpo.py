@@ -16,6 +16,9 @@ This recipe supports:
 Assumptions: the base is shared with other stages (a ``Base`` from ``stages.core.modeling.load_base``) and comes back
 bare; the incoming adapter (``adapter=``) is a LoRA adapter of that base, e.g. the SFT stage's output.
 
+Config: ``DPOConfig`` in ``stages.core.preference.config``. Sampling and judging: ``stages.core.evaluation`` (as in
+the pipeline report).
+
 Raises: ``ConfigError`` for settings that do not combine (checked before anything loads), ``DataError`` naming
 file:line for a malformed pair, or when no pair survives ``data.max_length``.
 
@@ -28,216 +31,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from stages.core.compat import packed_dpo_trainer
-from stages.core.preference.dpo_step import report_batching
-from stages.core.config import field
-from stages.core.data import DatasetSpec, Mixture, data_hash, load_mixture, read_rows
+from stages.core.data import Mixture, data_hash, load_mixture
 from stages.core.data.sample import SAMPLE_ROWS, sample_records
-from stages.core.errors import ConfigError, DataError, did_you_mean
-from stages.core.evaluation import generate
+from stages.core.errors import ConfigError, DataError
+from stages.core.evaluation import greedy_replies, judge_replies, read_prompts, reward_verdicts
+from stages.core.judges import tally
 from stages.core.lifecycle import borrows_base
-from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
+from stages.core.modeling import Base, attach_adapter, detach_adapter
+from stages.core.preference.config import DPOConfig, precompute_reference
+from stages.core.preference.dpo_step import report_batching
+from stages.core.preference.trainer_metrics import (HEADLINE, eval_metrics, final_train_metrics, length_report,
+                                                    train_history)
 from stages.core.stage import Metric, Stage
-from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
-                             seed_everything, trainable_parameters, trainer_args)
-
-Method = Literal["dpo", "orpo", "kto"]
-
-# TRL 1.16's DPOConfig.loss_type options (trl/trainer/dpo_config.py) and KTOConfig.loss_type options.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
-
-# TRL's logged metric -> our name in metrics.json (prefixed eval_ / train_).
-HEADLINE = {
-    "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
-    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
-    "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
-    "kl": "kl", "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",
-}
-
-
-@dataclasses.dataclass
-class PreferenceData:
-    datasets: list[DatasetSpec] = field(
-        default_factory=list, help="Training datasets (pairs; KTO rows for method kto), mixed by weight or count.")
-    eval_datasets: list[DatasetSpec] = field(
-        default_factory=list, help="Held-out datasets; when empty, eval_ratio splits the training mix.")
-    eval_ratio: float = field(0.05, help="Fraction of the training mix held out for evaluation (seeded).")
-    max_length: int | None = field(
-        1024, help="Prompt + reply tokens kept: the reply's end is cut, pairs whose prompt alone fills it are "
-                   "dropped (both counted). TRL 1.16 has no separate prompt/completion limits for DPO.")
-    padding_free: bool | None = field(
-        None, help="dpo: lorelay's packed rows (no padding, each prompt once, LM head on replies only; "
-                   "stages/core/preference). null: on wherever the loss and attention kernel allow it, else "
-                   "TRL's padded batches with the reason printed; true: refuse to pad. orpo/kto: TRL's padded "
-                   "batches (the packed rows are wired for dpo only), so true is refused.")
-    skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
-
-    def __post_init__(self):
-        if not 0.0 <= self.eval_ratio < 1.0:
-            raise ConfigError("must be in [0, 1)", field="eval_ratio")
-        if self.max_length is not None and self.max_length < 8:
-            raise ConfigError("must be at least 8 tokens, or null for no limit", field="max_length")
-
-
-@dataclasses.dataclass
-class DPOTraining(TrainingConfig):
-    # Defaults that differ from TrainingConfig (the SFT defaults): preference tuning nudges a trained adapter.
-    output_dir: Path = field(Path("outputs/dpo"), help="Where the finished stage is written (atomically).")
-    batch_size: int = field(4, help="Pairs per device per micro-batch (each pair is two sequences).")
-    gradient_accumulation_steps: int = field(
-        2, help="Micro-batches per optimizer step. Global batch = batch_size x accumulation x processes pairs.")
-    learning_rate: float = field(
-        5e-5, help="Peak learning rate: 5e-5..1e-4 suits LoRA DPO (TRL's default 1e-6 is for full fine-tuning).")
-    warmup_ratio: float = field(0.1, help="Fraction of steps spent warming up linearly from 0.")
-
-
-@dataclasses.dataclass
-class DPOConfig:
-    model: ModelConfig = field(
-        default_factory=ModelConfig, help="Base model (ignored inside a pipeline, which shares its base).")
-    lora: LoraSettings = field(
-        default_factory=LoraSettings, help="Adapter shape without an incoming adapter (an incoming one's shape wins).")
-    data: PreferenceData = field(default_factory=PreferenceData, help="Preference datasets and lengths.")
-    training: DPOTraining = field(default_factory=DPOTraining, help="Optimisation and output settings.")
-    method: Method = field(
-        "dpo", help="dpo (against a frozen reference), orpo (no reference) or kto (unpaired good/bad labels).")
-    beta: float = field(
-        0.1, help="dpo/kto: how far the policy may move from the reference (higher: less); ipo: tau; "
-                  "orpo: lambda, the weight of the odds-ratio term.")
-    loss_type: str | list[str] | None = field(
-        None, help=f"dpo: one of {', '.join(DPO_LOSSES)}, or a list of them summed with loss_weights "
-                   f"(default sigmoid). kto: {' or '.join(KTO_LOSSES)} (default kto). orpo: not used.")
-    loss_weights: list[float] | None = field(None, help="dpo: weight of each loss in loss_type (default 1.0 each).")
-    rpo_alpha: float | None = field(
-        None, help="dpo: weight of an SFT (negative log-likelihood) term on the chosen replies, added to the "
-                   "preference loss (RPO): it keeps the policy's likelihood of the right answers from falling. "
-                   "TRL 1.16 spells it as an extra `sft` loss; this key appends it with this weight.")
-    label_smoothing: float = field(
-        0.0, help="dpo robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon (> 0, e.g. 1e-3).")
-    precompute_ref_log_probs: bool | None = field(
-        None, help="dpo/kto: compute the frozen reference's log-probs of all data in one pass before training "
-                   "(cached with TRL's dataset cache) instead of in every step. null: on when training passes over "
-                   "the data more than once (training.epochs > 1), where it saves a reference forward per pass.")
-    desirable_weight: float = field(
-        1.0, help="kto: weight of the desirable examples' loss (raise it when they are fewer).")
-    undesirable_weight: float = field(1.0, help="kto: weight of the undesirable examples' loss.")
-    reward_model: Path | None = field(
-        None, help="Reward-model stage directory that judges policy against reference replies (win rate); "
-                   "skipped with a message when it does not exist.")
-    win_rate_prompts: DatasetSpec | Path | None = field(
-        None, help="Held-out prompts for the win rate and samples.json: rows with a `prompt` string (or message "
-                   "list) or `messages` ending in a user turn. Default: the eval pairs' prompts.")
-    win_rate_samples: int = field(32, help="Prompts judged for the win rate (the first N).")
-    win_rate_tie_margin: float = field(
-        0.0, help="Reward differences at most this large count as ties (identical replies always do).")
-    sample_prompts: int = field(
-        4, help="Prompts answered by policy and reference for samples.json when there is no reward model.")
-    max_new_tokens: int = field(64, help="Length limit of the greedy replies (win rate and samples).")
-    generation_batch_size: int = field(8, help="Prompts per generation and scoring batch.")
-
-    def __post_init__(self):
-        if not self.data.datasets:
-            raise ConfigError("at least one training dataset is needed", field="data.datasets")
-        if self.beta <= 0:
-            raise ConfigError("must be positive", field="beta")
-        if isinstance(self.win_rate_prompts, (str, Path)):
-            self.win_rate_prompts = DatasetSpec(path=str(self.win_rate_prompts))
-        for name in ("win_rate_samples", "sample_prompts", "max_new_tokens", "generation_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be at least 1", field=name)
-        if self.win_rate_tie_margin < 0:
-            raise ConfigError("must be zero or positive", field="win_rate_tie_margin")
-        if self.data.padding_free and self.method != "dpo":
-            raise ConfigError(f"{self.method.upper()} runs TRL's padded batches: lorelay's packed rows are wired for "
-                              "dpo only (set data.padding_free: false or null)", field="data.padding_free")
-        self._check_formats()
-        {"dpo": self._check_dpo, "orpo": self._check_orpo, "kto": self._check_kto}[self.method]()
-
-    def _check_formats(self) -> None:
-        """The data a method trains on: pairs for dpo/orpo; KTO rows, or pairs declared as such, for kto."""
-        declared = {spec.format for spec in [*self.data.datasets, *self.data.eval_datasets]} - {"auto"}
-        usable = ("kto", "preference") if self.method == "kto" else ("preference",)
-        for fmt in sorted(declared - set(usable)):
-            hint = "; use method: kto for unpaired (prompt, completion, label) rows" if fmt == "kto" else ""
-            raise ConfigError(f"{self.method} trains on {' or '.join(usable)} data, not '{fmt}'{hint}",
-                              field="data.datasets")
-        if self.method == "kto" and "preference" in declared:
-            specs = [*self.data.datasets, *self.data.eval_datasets]
-            if any(spec.format != "preference" for spec in specs):
-                raise ConfigError("kto reads either KTO rows or pairs in one run: declare format: preference on "
-                                  "every dataset (pairs are split into a desirable and an undesirable example), "
-                                  "or on none", field="data.datasets")
-
-    def _check_dpo(self) -> None:
-        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type or ["sigmoid"])
-        if not losses:
-            raise ConfigError("name at least one loss", field="loss_type")
-        for loss in losses:
-            if loss not in DPO_LOSSES:
-                raise ConfigError(f"unknown DPO loss '{loss}'{_suggest(loss, DPO_LOSSES)}; expected one of "
-                                  f"{', '.join(DPO_LOSSES)}", field="loss_type")
-        if len(set(losses)) != len(losses):
-            raise ConfigError("a loss is listed twice; give it a larger weight instead", field="loss_type")
-        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
-            raise ConfigError(f"{len(self.loss_weights)} weights for {len(losses)} loss types: give one weight "
-                              "per loss", field="loss_weights")
-        if self.rpo_alpha is not None:
-            if self.rpo_alpha <= 0:
-                raise ConfigError("must be positive (or null for no SFT term)", field="rpo_alpha")
-            if "sft" in losses:
-                raise ConfigError("loss_type already has an sft term: give its weight in loss_weights, or drop it "
-                                  "from loss_type and keep rpo_alpha", field="rpo_alpha")
-            self.loss_weights = [*(self.loss_weights or [1.0] * len(losses)), self.rpo_alpha]
-            losses.append("sft")
-            self.rpo_alpha = None  # folded into loss_type/loss_weights: validating the result again is a no-op
-        if "exo_pair" in losses and self.label_smoothing <= 0:
-            raise ConfigError("exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)", field="label_smoothing")
-        if "robust" in losses and not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError("robust DPO reads it as a flip probability: must be in [0, 0.5)", field="label_smoothing")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("must be in [0, 1)", field="label_smoothing")
-        self.loss_type = losses
-
-    def _check_orpo(self) -> None:
-        for name, default in (("loss_type", None), ("loss_weights", None), ("rpo_alpha", None),
-                              ("label_smoothing", 0.0), ("precompute_ref_log_probs", None)):
-            if getattr(self, name) != default:
-                raise ConfigError("ORPO has no reference model and one fixed loss: this key does not apply "
-                                  "(remove it, or use method: dpo)", field=name)
-
-    def _check_kto(self) -> None:
-        loss = self.loss_type or "kto"
-        if not isinstance(loss, str) or loss not in KTO_LOSSES:
-            shown = loss if isinstance(loss, str) else loss[0] if len(loss) == 1 else loss
-            raise ConfigError(f"KTO's loss is one of {', '.join(KTO_LOSSES)}, got {shown!r}"
-                              f"{_suggest(str(shown), KTO_LOSSES)}", field="loss_type")
-        for name in ("loss_weights", "rpo_alpha"):
-            if getattr(self, name) is not None:
-                raise ConfigError("KTO has one loss; weigh its two sides with desirable_weight/undesirable_weight",
-                                  field=name)
-        if self.label_smoothing != 0.0:
-            raise ConfigError("KTO has no label smoothing", field="label_smoothing")
-        if min(self.desirable_weight, self.undesirable_weight) <= 0:
-            raise ConfigError("must be positive", field="desirable_weight")
-        if loss == "kto" and self.training.batch_size < 2:
-            raise ConfigError("the KTO loss estimates its KL term from the other examples of a micro-batch: "
-                              "batch_size must be at least 2 (or use loss_type: apo_zero_unpaired)",
-                              field="training.batch_size")
-        self.loss_type = loss
-
-
-def _suggest(name: str, choices) -> str:
-    # In the message itself: load_config keeps an error's message and field when it re-raises, not its hint.
-    guess = did_you_mean(name, choices)
-    return f" ({guess})" if guess else ""
+from stages.core.training import (StageOutput, callbacks, fit, is_main_process, quiet_trainer, seed_everything,
+                                  trainable_parameters, trainer_args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,13 +84,6 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def precompute_reference(config: DPOConfig) -> bool:
-    """Reference log-probs in one pass before training: as configured, else when the data is seen twice or more."""
-    if config.precompute_ref_log_probs is not None:
-        return config.precompute_ref_log_probs
-    return config.training.max_steps <= 0 and config.training.epochs > 1
-
-
 @borrows_base
 def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a preference adapter on ``base`` from ``adapter`` (or a fresh one); return the output directory."""
@@ -293,6 +101,8 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
     train_dataset = Dataset.from_list([trainer_row(r) for r in mixture.train])
     eval_dataset = Dataset.from_list([trainer_row(r) for r in mixture.eval]) if mixture.eval else None
     prompts = held_out_prompts(config, mixture, count=config.win_rate_samples if judge_dir else config.sample_prompts)
+    replies = functools.partial(greedy_replies, tokenizer=base.tokenizer, prompts=[p["messages"] for p in prompts],
+                                max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size)
     output.mark("data", started)
 
     # ---- model: the incoming adapter, trainable, on the shared base --------------------------------
@@ -301,7 +111,7 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
                            allow_pickle_weights=base.config.allow_pickle_weights)
     try:
         # Reference replies before training only when nothing keeps the starting point (ORPO from an adapter).
-        reference_replies = _generate(config, model, base, prompts) if not method.reference and adapter else None
+        reference_replies = replies(model) if not method.reference and adapter else None
 
         # ---- train --------------------------------------------------------------------------------
         trainer_class, args_class = method.classes()
@@ -317,10 +127,10 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
         reference = settle_reference(model, method, adapter)
         # KTO splits each pair it is given into a desirable and an undesirable example.
         per_record = 2 if config.method == "kto" and "chosen" in train_dataset.column_names else 1
-        length_report = {
-            "train": _length_report(trainer.train_dataset, per_record * len(mixture.train), data.max_length),
-            "eval": _length_report(trainer.eval_dataset, per_record * len(mixture.eval), data.max_length)}
-        if length_report["train"]["used"] == 0:
+        lengths = {
+            "train": length_report(trainer.train_dataset, per_record * len(mixture.train), data.max_length),
+            "eval": length_report(trainer.eval_dataset, per_record * len(mixture.eval), data.max_length)}
+        if lengths["train"]["used"] == 0:
             raise DataError("no training example is left: every prompt fills data.max_length",
                             field="data.max_length", hint="raise data.max_length")
         result = fit(trainer, output, training)
@@ -331,20 +141,20 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
                                    "train_loss": result.training_loss,
                                    "train_runtime_s": result.metrics.get("train_runtime"),
                                    "steps": trainer.state.global_step}
-        metrics.update(_final_train_metrics(trainer.state.log_history))
+        metrics.update(final_train_metrics(trainer.state.log_history))
         if eval_dataset is not None:
-            metrics.update(_eval_metrics(trainer.evaluate()))
+            metrics.update(eval_metrics(trainer.evaluate()))
         samples = []
         if is_main_process():
-            policy = _generate(config, model, base, prompts)
+            policy = replies(model)
             if reference_replies is None:
                 with reference_policy(model):
-                    reference_replies = _generate(config, model, base, prompts)
+                    reference_replies = replies(model)
             samples = [{"prompt": p["messages"][-1]["content"], "source": p["source"], "policy": a, "reference": r}
                        for p, a, r in zip(prompts, policy, reference_replies)]
         trainable, total = trainable_parameters(model)
         metrics.update(trainable_parameters=trainable, total_parameters=total,
-                       data={"datasets": mixture.report, "lengths": length_report})
+                       data={"datasets": mixture.report, "lengths": lengths})
         output.mark("evaluate", started)
 
         # ---- save the policy adapter (never the frozen "ref" copy) -----------------------------------
@@ -404,17 +214,9 @@ def trainer_row(record: dict) -> dict:
 
 def held_out_prompts(config: DPOConfig, mixture: Mixture, *, count: int) -> list[dict]:
     """Prompt conversations (ending in a user turn) for generation: the prompts file, or the eval prompts."""
-    prompts: list[dict] = []
     if config.win_rate_prompts is not None:
-        for where, row in read_rows(config.win_rate_prompts):
-            if isinstance(row, Exception):
-                raise row
-            prompts.append({"messages": _prompt_messages(row, where), "source": where.source})
-            if len(prompts) >= count:
-                break
-        if not prompts:
-            raise DataError("no prompts", file=config.win_rate_prompts.path)
-        return prompts
+        return read_prompts(config.win_rate_prompts, count)
+    prompts: list[dict] = []
     seen = set()
     for record in mixture.eval:
         key = repr(record["prompt"])
@@ -426,47 +228,8 @@ def held_out_prompts(config: DPOConfig, mixture: Mixture, *, count: int) -> list
     return prompts
 
 
-def _prompt_messages(row: Any, where) -> list[dict]:
-    value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                  and m.get("role") in ("system", "user", "assistant", "tool")
-                                                  for m in value)):
-        if value[-1]["role"] != "user":
-            raise where.error("prompt", f"the prompt must end with a user turn, not '{value[-1]['role']}'",
-                              field="prompt")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise where.error("prompt", "expected a non-empty `prompt` string, or a `prompt`/`messages` list of "
-                                "{role, content} messages ending in a user turn", field="prompt")
-
-
-def _length_report(dataset, examples: int, max_length: int | None) -> dict[str, int | None]:
-    """How many examples TRL kept, and how many it will cut at max_length (it drops or cuts silently).
-
-    ``truncated`` is None where the trainer's columns do not show it (ORPO tokenizes and cuts in its own way).
-    """
-    if dataset is None:
-        return {"examples": examples, "used": 0, "dropped_prompt_too_long": 0, "truncated": 0}
-    report: dict[str, int | None] = {"examples": examples, "used": len(dataset),
-                                     "dropped_prompt_too_long": max(0, examples - len(dataset)), "truncated": None}
-    sides = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]
-    if max_length is None:
-        report["truncated"] = 0
-    elif "prompt_ids" in dataset.column_names and sides and len(dataset):
-        import pyarrow.compute as pc
-
-        table = dataset.select_columns(["prompt_ids", *sides]).with_format("arrow")[:]
-        longest = pc.list_value_length(table["prompt_ids"])
-        for side in sides:
-            longest_side = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table[side]))
-            longest = pc.max_element_wise(longest, longest_side)
-        report["truncated"] = int(pc.sum(pc.greater(longest, max_length)).as_py() or 0)
-    return report
-
-
 # ----------------------------------------------------------------------------------------------
-# generation and judging
+# the reference policy and the judge
 # ----------------------------------------------------------------------------------------------
 
 def settle_reference(model, method: MethodSpec, adapter) -> str:
@@ -498,14 +261,6 @@ def reference_policy(model):
             yield model
 
 
-def _generate(config: DPOConfig, model, base: Base, prompts: list[dict]) -> list[str]:
-    if not prompts:
-        return []
-    replies = generate(model, base.tokenizer, [p["messages"] for p in prompts],
-                       max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size)
-    return [r[0] for r in replies]
-
-
 def _reward_model_dir(config: DPOConfig) -> Path | None:
     if config.reward_model is None:
         return None
@@ -524,59 +279,30 @@ def _skip_reason(config: DPOConfig) -> str:
     return "no held-out prompts"
 
 
+OUTCOMES = {1: "win", -1: "loss", 0: "tie"}
+
+
 def judge(base: Base, rm_dir: Path, prompts: list[dict], samples: list[dict], *, tie_margin: float = 0.0,
           batch_size: int = 8) -> dict[str, Any]:
-    """Score policy and reference replies with the reward model; fill the scores into ``samples``.
+    """Policy against reference, judged by the reward model; the scores and outcomes go into ``samples``.
 
-    Call it with no adapter on ``base``: ``reward_model`` puts the reward adapter and its head on the same base.
+    Call it with no adapter on ``base``: the reward adapter and its head go on the same base.
     """
-    from stages.reward import reward_model, score
-
-    conversations = [p["messages"] + [{"role": "assistant", "content": s[side]}]
-                     for side in ("policy", "reference") for p, s in zip(prompts, samples)]
-    with reward_model(base, rm_dir) as scorer:
-        scores = score(scorer, base.tokenizer, conversations, batch_size=batch_size)
-    n = len(samples)
-    wins = losses = ties = 0
-    for sample, policy_score, reference_score in zip(samples, scores[:n], scores[n:]):
-        sample.update(policy_score=float(policy_score), reference_score=float(reference_score))
-        if sample["policy"] == sample["reference"] or abs(policy_score - reference_score) <= tie_margin:
-            ties += 1
-            sample["outcome"] = "tie"
-        elif policy_score > reference_score:
-            wins += 1
-            sample["outcome"] = "win"
-        else:
-            losses += 1
-            sample["outcome"] = "loss"
-    decided = wins + losses
-    return {"win_rate": wins / n if n else None, "win_rate_excl_ties": wins / decided if decided else None,
-            "wins": wins, "losses": losses, "ties": ties, "win_rate_n": n,
-            "reward_policy_mean": sum(scores[:n]) / n if n else None,
-            "reward_reference_mean": sum(scores[n:]) / n if n else None}
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics from TRL's logs
-# ----------------------------------------------------------------------------------------------
-
-def _eval_metrics(logged: dict[str, float]) -> dict[str, float]:
-    metrics = {"eval_loss": logged.get("eval_loss")}
-    metrics.update({f"eval_{ours}": logged[f"eval_{theirs}"] for theirs, ours in HEADLINE.items()
-                    if f"eval_{theirs}" in logged})
-    return metrics
-
-
-def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
-    last = next((entry for entry in reversed(log_history) if "loss" in entry), {})
-    return {f"train_{ours}": last[theirs] for theirs, ours in HEADLINE.items() if theirs in last}
-
-
-def train_history(log_history: list[dict]) -> list[dict]:
-    """Per logged step: loss and the preference metrics (reward accuracy, margin, chosen/rejected log-probs)."""
-    return [{"step": entry["step"], "loss": entry["loss"],
-             **{ours: entry[theirs] for theirs, ours in HEADLINE.items() if theirs in entry}}
-            for entry in log_history if "loss" in entry]
+    policy = [s["policy"] for s in samples]
+    reference = [s["reference"] for s in samples]
+    scores = judge_replies(base, rm_dir, [p["messages"] for p in prompts], {"policy": policy, "reference": reference},
+                           batch_size=batch_size)
+    verdicts = reward_verdicts(scores["policy"], scores["reference"], my_replies=policy, their_replies=reference,
+                               tie_margin=tie_margin)
+    for sample, mine, theirs, verdict in zip(samples, scores["policy"], scores["reference"], verdicts):
+        sample.update(policy_score=float(mine), reference_score=float(theirs), outcome=OUTCOMES[verdict])
+    counts, n = tally(verdicts), len(verdicts)
+    decided = counts["wins"] + counts["losses"]
+    return {"win_rate": counts["win_rate_vs_parent"] if n else None,
+            "win_rate_excl_ties": counts["wins"] / decided if decided else None,
+            "wins": counts["wins"], "losses": counts["losses"], "ties": counts["ties"], "win_rate_n": n,
+            "reward_policy_mean": sum(scores["policy"]) / n if n else None,
+            "reward_reference_mean": sum(scores["reference"]) / n if n else None}
 
 
 def preflight(config: DPOConfig, skip=lambda path: False) -> None:
@@ -587,7 +313,7 @@ def preflight(config: DPOConfig, skip=lambda path: False) -> None:
     sample_records([*data.datasets, *data.eval_datasets], data_kind(config), skip_invalid=data.skip_invalid,
                    skip=skip)
     if config.win_rate_prompts is not None and not skip(config.win_rate_prompts.path):
-        held_out_prompts(config, None, count=SAMPLE_ROWS)
+        read_prompts(config.win_rate_prompts, SAMPLE_ROWS)
 
 
 STAGE = Stage(

@@ -21,11 +21,12 @@ import json
 import time
 from pathlib import Path
 
+from stages.core import scoring
 from stages.core.config import field
-from stages.core.data import DatasetSpec, read_rows
+from stages.core.data import DatasetSpec
 from stages.core.data.sample import SAMPLE_ROWS
 from stages.core.errors import ConfigError, DataError
-from stages.core.evaluation import generate
+from stages.core.evaluation import generate, read_prompts
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.judges import check_outcomes, check_rates, column_lists
@@ -68,28 +69,6 @@ class GenerateConfig:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", field="top_p")
 
 
-def load_prompts(spec: DatasetSpec, limit: int | None) -> list[dict]:
-    """Prompt conversations (message lists ending in a user turn) with their source line."""
-    prompts = []
-    for where, row in read_rows(spec):
-        if isinstance(row, Exception):
-            raise row
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            messages = [{"role": "user", "content": row["prompt"]}]
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
-            messages = row["messages"]
-        else:
-            raise where.error("prompt", "expected a non-empty `prompt` string or a `messages` list",
-                              field="prompt")
-        columns = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
-        prompts.append({"messages": messages, "source": where.source, "columns": columns})
-        if limit is not None and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise DataError("no prompts", file=spec.path)
-    return prompts
-
-
 def check_results(checks: list[Reward], prompts: list[dict], replies: list[list[str]]) -> list[list[dict]]:
     """Per prompt, per reply: {check name: True/False, or None where it does not apply}."""
     flat = check_outcomes(checks, [p["messages"] for p, rs in zip(prompts, replies) for _ in rs],
@@ -116,12 +95,10 @@ def choose_pair(scores: list[float], checks: list[dict]) -> tuple[int, int] | No
 @borrows_base
 def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Sample, judge and pair; return the output directory holding ``dataset.jsonl``."""
-    from stages.reward import reward_model, score
-
     if config.reward_model is None or not Path(config.reward_model).exists():
         raise ConfigError("a reward stage directory is needed to judge samples", field="reward_model")
     output = StageOutput(config.output_dir, stage="generate")
-    prompts = load_prompts(config.prompts, config.max_prompts)
+    prompts = read_prompts(config.prompts, config.max_prompts)
     # Checks fail now, before any model work, on a missing column or a function that breaks on these rows.
     checks = load_rewards(config.checks, where=str(config.prompts.path))
     trial = prompts[:4]
@@ -145,8 +122,8 @@ def run(config: GenerateConfig, base: Base, adapter: str | Path | None = None) -
     started = time.time()
     conversations = [p["messages"] + [{"role": "assistant", "content": reply}]
                      for p, replies in zip(prompts, samples) for reply in replies]
-    with reward_model(base, config.reward_model) as judge:
-        flat_scores = score(judge, base.tokenizer, conversations, batch_size=config.batch_size)
+    with scoring.reward_model(base, config.reward_model) as judge:
+        flat_scores = scoring.score(judge, base.tokenizer, conversations, batch_size=config.batch_size)
     output.mark("score", started)
 
     # ---- pair: chosen passes every check, rejected is the worst (a failing one when there is one) ----------
@@ -205,7 +182,7 @@ def preflight(config: GenerateConfig, skip=lambda path: False) -> None:
         raise ConfigError("no such reward stage directory", file=config.reward_model, field="reward_model")
     load_rewards(config.checks, where="checks")
     if not skip(config.prompts.path):
-        load_prompts(config.prompts, SAMPLE_ROWS)
+        read_prompts(config.prompts, SAMPLE_ROWS)
 
 
 STAGE = Stage(

@@ -16,7 +16,7 @@ from pathlib import Path
 from stages.core.errors import LorelayError
 from stages.core.modeling import lora_config, sequence_classifier, settings_from_adapter
 from stages.core.rewards import text_of
-from stages.reward import SCORE_HEAD, score
+from stages.core.scoring import SCORE_HEAD, score
 
 ADAPTER = "reward"  # the reward model's adapter name beside the policy's "default" (and TRL's "ref")
 

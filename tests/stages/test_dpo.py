@@ -312,6 +312,7 @@ def test_dpo_trains_on_packed_rows_and_says_so(tmp_path, base, incoming):
 
 def test_win_rate_is_judged_by_the_reward_model(tmp_path, base, monkeypatch):
     from stages import reward
+    from stages.core import scoring
 
     data_file = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     rm_dir = reward.run(load_config(reward.RewardConfig, None, [
@@ -319,7 +320,7 @@ def test_win_rate_is_judged_by_the_reward_model(tmp_path, base, monkeypatch):
         "training.max_steps=3", "training.batch_size=8", "training.learning_rate=1e-2", "lora.r=4", "lora.alpha=8",
         "lora.dropout=0.0"]), base)
     judged: list = []
-    real_reward_model = reward.reward_model
+    real_reward_model = scoring.reward_model
 
     @contextlib.contextmanager
     def watched_reward_model(shared, directory):
@@ -327,7 +328,7 @@ def test_win_rate_is_judged_by_the_reward_model(tmp_path, base, monkeypatch):
         with real_reward_model(shared, directory) as scorer:
             yield scorer
 
-    monkeypatch.setattr(reward, "reward_model", watched_reward_model)
+    monkeypatch.setattr(scoring, "reward_model", watched_reward_model)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Route ticket {i}: {ISSUES[q]}"}
                                                        for i, q in enumerate(QUEUES * 2)])
     config = dpo_config(tmp_path, data_file, f"reward_model={rm_dir}", f"win_rate_prompts={prompts}",

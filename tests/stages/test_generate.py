@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from stages import generate, reward
+from stages import generate
+from stages.core import scoring
 from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from stages.core.modeling import ModelConfig, load_base
@@ -29,8 +30,8 @@ def length_reward_model(monkeypatch):
     def by_length(judge, tokenizer, conversations, batch_size=8):
         return [float(len(c[-1]["content"])) for c in conversations]
 
-    monkeypatch.setattr(reward, "reward_model", fake_reward_model)
-    monkeypatch.setattr(reward, "score", by_length)
+    monkeypatch.setattr(scoring, "reward_model", fake_reward_model)
+    monkeypatch.setattr(scoring, "score", by_length)
 
 
 def config_for(tmp_path, prompts, *overrides):

@@ -14,7 +14,7 @@ from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                                   parameter_storage, sequence_classifier)
-from stages.reward import attach_reward_adapter, reward_model, score
+from stages.core.scoring import attach_reward_adapter, reward_model, score
 from tests.conftest import write_jsonl
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)

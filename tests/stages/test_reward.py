@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from stages.core.data import DatasetSpec, load_mixture
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage, sequence_classifier)
-from stages.reward import RewardConfig, attach_reward_adapter, detach_reward_adapter, reward_model, score
+from stages.core.scoring import (attach_reward_adapter, conversation_ids, detach_reward_adapter, reward_model, score,
+                                 score_ids)
+from stages.reward import RewardConfig
 from stages.core.training import verify_output
 from tests.conftest import write_jsonl
 
@@ -82,19 +86,19 @@ def trained(tmp_path_factory, base):
         model = trainer.model
         evaluation = trainer.eval_dataset
         seen["before"] = reward.pair_metrics(
-            reward._score_ids(model, evaluation["chosen_ids"], batch_size=8),
-            reward._score_ids(model, evaluation["rejected_ids"], batch_size=8))["accuracy"]
+            score_ids(model, evaluation["chosen_ids"], batch_size=8),
+            score_ids(model, evaluation["rejected_ids"], batch_size=8))["accuracy"]
         seen["model_storage"] = parameter_storage(model)
         seen["big_model"] = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel() >= 4096}
         result = real_fit(trainer, output, training)
+        seen["trl_eval"] = trainer.evaluate()  # TRL's own loss, accuracy and margin on the same held-out pairs
+        seen["eval_scores"] = [score_ids(model, evaluation[key], batch_size=8) for key in ("chosen_ids", "rejected_ids")]
         seen["scores"] = score(model, base.tokenizer, PROBES)
         return result
 
-    reward.fit = spy_fit
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module-scoped fixture: no function-scoped monkeypatch
+        patch.setattr(reward, "fit", spy_fit)
         output = reward.run(rm_config(tmp_path, train_file), base)
-    finally:
-        reward.fit = real_fit
     return {"output": output, "seen": seen, "snapshot": snapshot}
 
 
@@ -112,9 +116,15 @@ def test_rm_learns_toy_preferences_and_writes_outputs(trained, base):
     assert metrics["eval_accuracy"] > 0.9, metrics  # ... and training makes it right
     assert metrics["eval_margin_mean"] > 0
     assert metrics["eval_chosen_score_mean"] > metrics["eval_rejected_score_mean"]
-    for side in ("chosen", "rejected"):
-        assert metrics[f"eval_{side}_score_min"] <= metrics[f"eval_{side}_score_mean"] <= metrics[f"eval_{side}_score_max"]
-        assert metrics[f"eval_{side}_score_std"] >= 0
+    trl = trained["seen"]["trl_eval"]  # one scoring pass gives what RewardTrainer.evaluate() reports
+    assert metrics["eval_loss"] == pytest.approx(trl["eval_loss"], abs=1e-4)
+    assert metrics["eval_accuracy"] == pytest.approx(trl["eval_accuracy"])
+    assert metrics["eval_margin_mean"] == pytest.approx(trl["eval_margin"], abs=1e-4)
+    for side, scores in zip(("chosen", "rejected"), trained["seen"]["eval_scores"]):
+        values = torch.tensor(scores, dtype=torch.float64)
+        expected = (values.mean(), values.std(correction=0), values.min(), values.max())
+        got = [metrics[f"eval_{side}_score_{stat}"] for stat in ("mean", "std", "min", "max")]
+        assert got == pytest.approx([float(v) for v in expected], abs=1e-6), side
     losses = [e["loss"] for e in metrics["log_history"] if "loss" in e]
     assert losses[-1] < losses[0] and metrics["train_loss"] is not None and "eval_loss" in metrics
     assert metrics["data"]["train"]["kept"] == 48
@@ -152,7 +162,7 @@ def test_reward_model_round_trip_reproduces_scores_and_leaves_base_bare(trained,
 def test_score_is_the_same_batched_or_one_at_a_time(trained, base):
     # pad == eos == <|im_end|> in SmolLM2; ChatML ends a turn with "<|im_end|>\n", so the last token is "\n"
     # and the classifier's "rightmost non-pad token" is the true end of every conversation.
-    ids = reward.conversation_ids(base.tokenizer, PROBES[0])
+    ids = conversation_ids(base.tokenizer, PROBES[0])
     assert ids[-1] != base.tokenizer.pad_token_id and base.tokenizer.pad_token_id in ids
     with reward_model(base, trained["output"]) as model:
         batched = score(model, base.tokenizer, PROBES, batch_size=len(PROBES))
@@ -258,7 +268,7 @@ def test_tokenize_pairs_counts_truncation_and_keeps_margins(tokenizer):
     assert report.truncated == 1 and report.kept == 2
     assert max(len(ids) for ids in columns["chosen_ids"]) == 40
     # left truncation keeps the end, where the score is read
-    full = reward.conversation_ids(tokenizer, records[0]["prompt"] + records[0]["chosen"])
+    full = conversation_ids(tokenizer, records[0]["prompt"] + records[0]["chosen"])
     assert columns["chosen_ids"][0] == full[-40:]
     assert columns["margin"] == [2.0, 0.0]
     # right truncation can cut away the only difference: such pairs are dropped and counted
@@ -288,11 +298,20 @@ def test_score_refuses_a_conversation_without_a_reply(base):
 
 
 def test_eval_loss_is_trls_reward_loss():
+    """The stage's eval loss equals RewardTrainer.compute_loss itself on the same scores (a stand-in trainer
+    and model: compute_loss reads only these attributes)."""
+    from trl import RewardTrainer
+
     chosen, rejected, margins = [1.5, -0.2, 30.0], [0.5, 0.3, -40.0], [0.0, 1.0, 2.0]
-    c, r, m = torch.tensor(chosen), torch.tensor(rejected), torch.tensor(margins)
-    expected = -torch.nn.functional.logsigmoid(c - r - m).mean() + 0.01 * torch.mean((c + r) ** 2)
-    got = reward.pair_loss(chosen, rejected, margins, center_coefficient=0.01)
-    assert got == pytest.approx(expected.item(), rel=1e-6)
+    logits = torch.tensor(chosen + rejected).unsqueeze(-1)
+    same = lambda value: value  # noqa: E731 - one process: gathering returns the value
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=0.01),
+                              accelerator=SimpleNamespace(gather=same, gather_for_metrics=same),
+                              _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0)
+    trl_loss = RewardTrainer.compute_loss(trainer, lambda **inputs: SimpleNamespace(logits=logits),
+                                          {"margin": torch.tensor(margins), "attention_mask": torch.ones(6, 1)})
+    assert reward.eval_loss(chosen, rejected, margins, center_coefficient=0.01) == pytest.approx(trl_loss.item(),
+                                                                                                rel=1e-6)
 
 
 def test_reward_model_refuses_a_policy_adapter_and_an_attached_base(tmp_path, base):

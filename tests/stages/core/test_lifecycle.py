@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages import dpo, generate, reward, sft
+from stages.core import scoring
 from stages.core.config import load_config
 from stages.core.lifecycle import adapter_tokens, borrow, extend_vocabulary
 from stages.core.modeling import LoraSettings, attach_adapter
@@ -51,8 +52,8 @@ def chain(new_tokens_cpt):
         outputs[name] = module.run(config, base, adapter=outputs[parent])
         states[name] = (before, base_state(base))
     before = base_state(base)
-    with reward.reward_model(base, outputs["rm"]) as judge:
-        scores = reward.score(judge, base.tokenizer, [[{"role": "user", "content": "Hi <|nimbus|>"},
+    with scoring.reward_model(base, outputs["rm"]) as judge:
+        scores = scoring.score(judge, base.tokenizer, [[{"role": "user", "content": "Hi <|nimbus|>"},
                                                        {"role": "assistant", "content": "Zorblax"}]])
     states["judge"] = (before, base_state(base))
     return {"states": states, "outputs": outputs, "scores": scores, "base": base}
