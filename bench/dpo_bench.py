@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_bench import SEED, _meter_class, current_rss_mb, peak_rss_mb, summarise  # noqa: E402
+from sft_bench import SEED, _meter_class, current_rss_mb, peak_rss_mb, run_stage_metered, summarise  # noqa: E402
 
 # Llama shapes for --make-model (random weights; the embedded SmolLM2 tokenizer). "tiny" is for tests.
 SHAPES = {
@@ -117,12 +117,7 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
 
     config = lorelay_config(options, subset, work)
     base = load_base(ModelConfig(name=options.model))
-    stage_callbacks = dpo_stage.callbacks
-    dpo_stage.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
-    try:
-        output = dpo_stage.run(config, base, adapter=options.adapter)
-    finally:
-        dpo_stage.callbacks = stage_callbacks
+    output = run_stage_metered(dpo_stage, config, base, meter, adapter=options.adapter)
     metrics = json.loads((output / "metrics.json").read_text())
     return {"reference": metrics.get("reference"), "batching": metrics.get("batching"),
             "loss_path": "lorelay compact (LM head on reply tokens only)", "loss_type": config.loss_type,

@@ -158,7 +158,7 @@ def run_stage(stage: str, combo: dict, checkpoint: Path, data: Path, work: Path,
     from stages.core.modeling import ModelConfig, load_base
 
     sys.path.insert(0, str(HERE))
-    from sft_bench import _meter_class, summarise
+    from sft_bench import _meter_class, run_stage_metered, summarise
 
     model_config = ModelConfig(name=str(checkpoint), quantization=combo["quantization"],
                                attn_implementation=combo["attention"], activation_checkpointing=combo["checkpointing"],
@@ -180,12 +180,7 @@ def run_stage(stage: str, combo: dict, checkpoint: Path, data: Path, work: Path,
                                                                    eval_ratio=0.0, max_length=None),
                                      sample_prompts=1, max_new_tokens=1)
     meter = _meter_class()()
-    stage_callbacks = module.callbacks
-    module.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
-    try:
-        output = module.run(config, base)
-    finally:
-        module.callbacks = stage_callbacks
+    output = run_stage_metered(module, config, base, meter)
     summary = summarise(meter, warmup=options.warmup)
     metrics = json.loads((output / "metrics.json").read_text())
     result = {"stage": stage, "step_time_s": summary["step_time_s"], "tokens_per_step": summary["tokens"]["real"]

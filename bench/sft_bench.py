@@ -227,6 +227,17 @@ def load_plain(model_name: str):
     return model, tokenizer
 
 
+def run_stage_metered(stage_module, config, base, meter, **keywords) -> Path:
+    """``stage_module.run(config, base)`` exactly as the CLI runs it, with ``meter`` beside the stage's own
+    callbacks (the stage builds its callbacks through its module's ``callbacks`` name)."""
+    stage_callbacks = stage_module.callbacks
+    stage_module.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
+    try:
+        return stage_module.run(config, base, **keywords)
+    finally:
+        stage_module.callbacks = stage_callbacks
+
+
 def lorelay_lora():
     """lorelay's default adapter shape as a peft LoraConfig: every set-up trains the same adapter."""
     from stages.core.modeling import LoraSettings, lora_config
@@ -300,12 +311,7 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
         data=sft_stage.SFTData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0, sample_prompts=0),
         training=TrainingConfig(output_dir=work / "c", max_steps=options.steps, batch_size=options.batch_size,
                                 learning_rate=LEARNING_RATE, seed=SEED))
-    stage_callbacks = sft_stage.callbacks
-    sft_stage.callbacks = lambda *args, **kwargs: [*stage_callbacks(*args, **kwargs), meter]
-    try:
-        output = sft_stage.run(config, base)
-    finally:
-        sft_stage.callbacks = stage_callbacks
+    output = run_stage_metered(sft_stage, config, base, meter)
     metrics = json.loads((output / "metrics.json").read_text())
     return {"batching": config.data.batching, "assistant_only_loss": config.data.assistant_only_loss,
             "activation_checkpointing": base.activation_checkpointing,
