@@ -138,7 +138,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return push_command(args.target, repo=args.repo, private=args.private, revision=args.revision,
                             merged=args.merged, dry_run=args.dry_run, merge_base=args.merge_base)
     if args.command == "merge":
-        from pipelines.hub import merge_command
+        from pipelines.merge import merge_command
 
         return merge_command(args.target, out=args.out, base=args.base)
     raise AssertionError(args.command)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCardData
 
 from stages import __version__, registry
 from stages.core.default_model import DEFAULT_MODEL
@@ -62,15 +63,14 @@ def base_hub_id(manifest: dict[str, Any]) -> str | None:
 
 
 def read_front_matter(text: str) -> dict[str, Any]:
-    """The YAML metadata block at the top of a README, or {} when there is none (or it is broken)."""
-    match = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, re.DOTALL)
-    if not match:
-        return {}
+    """The YAML metadata block at the top of a README (``huggingface_hub.ModelCard``), or {} when there is none
+    or it is broken."""
+    from huggingface_hub import ModelCard
+
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
+        return ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, yaml.YAMLError):
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _license_in(readme: Path | None, config: Path | None) -> str | None:
@@ -236,7 +236,8 @@ def config_yaml(manifest: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def card_metadata(manifest: dict[str, Any], *, rows: list[dict[str, Any]], merged: bool,
-                  manifests: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  manifests: list[dict[str, Any]] | None = None) -> ModelCardData:
+    """The card's YAML metadata, the fields the Hub indexes (``huggingface_hub.ModelCardData``)."""
     stage_types = [row["type"] for row in rows if row.get("type")]
     tags = ["lorelay", "trl", "lora"]
     for stage_type in stage_types:
@@ -248,21 +249,12 @@ def card_metadata(manifest: dict[str, Any], *, rows: list[dict[str, Any]], merge
         tags.append(method)
     if merged:
         tags.append("merged")
-    meta: dict[str, Any] = {}
     hub_id = base_hub_id(manifest)
-    if hub_id:
-        meta["base_model"] = hub_id
-        meta["base_model_relation"] = "finetune" if merged else "adapter"
-    meta["library_name"] = "transformers" if merged else "peft"
-    license_id = base_license(manifest)
-    if license_id:
-        meta["license"] = license_id
-    datasets = hub_datasets(manifests or [manifest])
-    if datasets:
-        meta["datasets"] = datasets
-    meta["pipeline_tag"] = "text-classification" if is_reward_model(manifest) else "text-generation"
-    meta["tags"] = tags
-    return meta
+    return ModelCardData(
+        base_model=hub_id, base_model_relation=("finetune" if merged else "adapter") if hub_id else None,
+        library_name="transformers" if merged else "peft", license=base_license(manifest),
+        datasets=hub_datasets(manifests or [manifest]) or None,
+        pipeline_tag="text-classification" if is_reward_model(manifest) else "text-generation", tags=tags)
 
 
 def _chat_snippet(repo: str, model_class: str, module: str) -> str:
@@ -355,7 +347,7 @@ def render_card(manifest: dict[str, Any], *, repo: str, stage_name: str, run_inf
     kind = "Full weights: a LoRA adapter merged into" if merged else "A LoRA adapter for"
     steps = " → ".join(["base", *(row["name"] for row in chain)])
 
-    parts = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+    parts = ["---", meta.to_yaml(), "---", ""]
     parts.append(f"# {repo.rsplit('/', 1)[-1]}\n")
     parts.append(f"{kind} {base_ref}, trained with lorelay (TRL + PEFT): {steps}.\n")
     if is_embedded(base_name):

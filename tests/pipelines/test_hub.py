@@ -15,8 +15,11 @@ import torch
 import yaml
 
 from pipelines import hub as hub_module
+from pipelines import merge as merge_module
 from pipelines.cli import main as cli
-from pipelines.hub import merge_stage, push_stage
+from pipelines.hub import push_stage
+from pipelines.merge import merge_stage
+from pipelines.stage_files import human_size
 from pipelines.model_card import base_license, read_front_matter, reproducible_config
 from stages.core.config import load_config, to_dict
 from stages.core.errors import LorelayError
@@ -381,7 +384,7 @@ def test_dry_run_lists_files_and_card_without_any_connection(stage_dir, monkeypa
     out = capsys.readouterr().out
     assert "nothing was sent" in out
     size = (stage_dir / "adapter_model.safetensors").stat().st_size
-    assert f"adapter_model.safetensors  {hub_module._size(size):>10}" in out
+    assert f"adapter_model.safetensors  {human_size(size):>10}" in out
     assert "samples.json" not in out
     assert "library_name: peft" in out and "## Training lineage" in out
 
@@ -399,7 +402,7 @@ def test_merge_command_writes_a_checkpoint_equal_to_base_plus_adapter(stage_dir,
                                                                       monkeypatch, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(hub_module, "MAX_SHARD_SIZE", "4MB")  # shards even for the tiny model
+    monkeypatch.setattr(merge_module, "MAX_SHARD_SIZE", "4MB")  # shards even for the tiny model
     out = tmp_path / "merged"
     assert cli(["merge", str(stage_dir), "--out", str(out)]) == 0
 
