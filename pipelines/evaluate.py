@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.revisions import base_revision
 from stages.core.config import to_dict
-from stages.core.data import DatasetSpec, read_rows
+from stages.core.data import DatasetSpec, data_hash, read_rows
 from stages.core.errors import ConfigError
 from stages.core.evaluation import (greedy_replies, judge_replies, perplexity_from_loss, read_prompts, reward_verdicts,
                                     task_accuracy)
@@ -73,8 +74,14 @@ class Evaluator:
         self.folder = Path(run_dir) / "eval"
         self.console = console
         # Who judges the replies at the end does not change them: a new judge re-judges, it does not re-generate.
+        # The base model and the evaluation files' contents are keyed too: a row from another base (or an
+        # edited task file) is stale.
         replies_config = {k: v for k, v in to_dict(config).items() if k not in ("judge", "reward_model")}
-        self.config_hash = hashlib.sha256(json.dumps(replies_config, sort_keys=True).encode()).hexdigest()[:16]
+        files = {str(path): data_hash(str(path)) for path in (config.tasks, config.prompts, config.perplexity_text)
+                 if path is not None and Path(path).exists()}
+        self.config_hash = hashlib.sha256(json.dumps({"config": replies_config, "files": files,
+                                                      "base": base_revision(base)},
+                                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
         limit = config.max_items
         self.tasks = read_jsonl_rows(config.tasks, limit) if config.tasks else []
         rows = read_prompts(config.prompts, limit) if config.prompts else []

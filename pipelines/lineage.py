@@ -1,7 +1,9 @@
 """Cache keys and ``run.json``: what makes a stage's output reusable, and the record of a run.
 
-A stage is keyed by a hash of its resolved config, the hashes of the data it reads, its parents'
-keys, the base fingerprint and the lorelay version. A stage whose key matches a finished,
+A stage is keyed by a hash of its inputs (``cache_inputs``): its resolved config, the hashes of the
+data it reads (memoised by path, size and times), the commits of the Hub datasets it reads, its
+parents' keys, the base fingerprint (weights hash, or Hub commit), lorelay's code and the library
+versions (``pipelines.revisions``). A stage whose key matches a finished,
 checksum-verified output is skipped ("cached"); a changed stage re-runs, and so do its descendants,
 because their parent key changed. ``run.json`` is rewritten atomically after every change.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import __version__
+from pipelines.revisions import code_fingerprint, hub_datasets, library_versions, resolve_revision
 from stages.core.config import to_dict
 from stages.core.data import data_hash
 from stages.core.errors import LorelayError
@@ -51,14 +54,42 @@ def _data_files(value: Any, run_dir: Path) -> dict[str, str]:
     return found
 
 
-def cache_key(stage_type: str, config: Any, parent_keys: list[str], fingerprint: str, run_dir: Path) -> str:
+def cache_inputs(stage_type: str, config: Any, parent_keys: list[str], fingerprint: str, run_dir: Path) -> dict:
+    """Everything a stage's result depends on, each part hashed: the key is the hash of all of them, and
+    ``lorelay status`` names the parts that changed when a stage will re-run."""
+    from stages import registry
+
     resolved = _without_volatile(to_dict(config))
     # The model section is covered by the base fingerprint; hashing a local model directory again would be slow.
     data_files = _data_files({k: v for k, v in resolved.items() if k != "model"}, run_dir)
-    payload = {"type": stage_type, "config": resolved, "data": data_files,
-               "parents": parent_keys, "base": fingerprint, "lorelay": __version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    hub = {f"{name}@{revision or 'main'}": resolve_revision(name, revision, "dataset")
+           for name, revision in hub_datasets(resolved)}
+    config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
+    return {"type": stage_type, "config": config_hash, "data": data_files, "hub": hub, "parents": parent_keys,
+            "base": fingerprint, "code": code_fingerprint(registry.get(stage_type)), "libraries": library_versions()}
 
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_inputs(previous: dict | None, current: dict) -> list[str]:
+    """Readable reasons a stage's key changed: which input differs from the recorded one."""
+    if not previous:
+        return ["no earlier inputs recorded"]
+    reasons = []
+    for part in ("type", "config", "base", "code", "parents"):
+        if previous.get(part) != current.get(part):
+            reasons.append({"parents": "an upstream stage changed", "code": "lorelay's code changed",
+                            "base": "the base model changed", "config": "its config changed",
+                            "type": "its type changed"}[part])
+    for part, label in (("data", "data file"), ("hub", "Hub dataset"), ("libraries", "library")):
+        before, now_ = previous.get(part) or {}, current.get(part) or {}
+        for name in sorted(set(before) | set(now_)):
+            if before.get(name) != now_.get(name):
+                detail = f" {before.get(name)} -> {now_.get(name)}" if part == "libraries" else " changed"
+                reasons.append(f"{label} {name}{detail}")
+    return reasons
 
 
 class Lineage:

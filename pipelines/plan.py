@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.lineage import cache_key
+from pipelines.lineage import cache_inputs, cache_key
 from stages import registry
 from stages.core.config import Origins, apply_overrides, deep_merge, field, from_dict, read_yaml, to_dict
 from stages.core.errors import ConfigError, did_you_mean
@@ -136,6 +136,7 @@ class PlannedStage:
     parents: list[str]
     adapter_from: str | None
     output_dir: Path
+    inputs: dict  # what the key hashes (pipelines.lineage.cache_inputs)
 
 
 def previous_policy(stages: list[StageEntry], index: int) -> str | None:
@@ -191,5 +192,5 @@ def resolve_stage(pipeline: PipelineConfig, index: int, overrides: list[str], ke
     except ConfigError as err:
         raise ConfigError(f"stage '{entry.name}': {err.reason}", file=err.file, line=err.line,
                           field=err.field, hint=err.hint) from None
-    key = cache_key(entry.type, config, [keys[p] for p in parents], fingerprint, run_dir)
-    return PlannedStage(entry, config, stage, key, parents, adapter_from, output_dir)
+    inputs = cache_inputs(entry.type, config, [keys[p] for p in parents], fingerprint, run_dir)
+    return PlannedStage(entry, config, stage, cache_key(inputs), parents, adapter_from, output_dir, inputs)

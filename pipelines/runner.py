@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.gates import GateFailed, check_gates
-from pipelines.lineage import Lineage, is_cached, now, stage_metrics
+from pipelines.lineage import Lineage, changed_inputs, is_cached, now, stage_metrics
 from pipelines.plan import PlannedStage, load_pipeline
 from pipelines.validate import RunPlan, check_pipeline, print_plan
 from stages import registry
@@ -80,6 +80,9 @@ def _run(plan: RunPlan, pipeline_path, force, console) -> Path:
     console.print(f"base: {base.config.name} ({base.quantization}, {str(base.dtype).replace('torch.', '')}, "
                   f"{base.attn_implementation}, {base.device})")
     lineage = Lineage(pipeline, pipeline_path, base)
+    lineage.data["base"]["revision"] = plan.fingerprint  # a Hub base by the commit its revision names today
+    if plan.fingerprint != base.fingerprint:
+        lineage.data.setdefault("hub_revisions", {})[f"model:{base.path}"] = plan.fingerprint.rpartition("@")[2]
     # Every rank has read the previous run.json before the main process rewrites it (issue 7): all
     # ranks then take the same cache, resume and gate decisions.
     barrier()
@@ -94,12 +97,17 @@ def _run(plan: RunPlan, pipeline_path, force, console) -> Path:
         previous = lineage.previous_stages.get(entry.name)
         adapter = run_dir_path / planned.adapter_from if planned.adapter_from else None
         record = {"name": entry.name, "type": entry.type, "key": planned.key, "parents": planned.parents,
-                  "init_from": planned.adapter_from, "output_dir": entry.name}
+                  "init_from": planned.adapter_from, "output_dir": entry.name, "inputs": planned.inputs}
+        lineage.data.setdefault("hub_revisions", {}).update(
+            {f"dataset:{name}": sha for name, sha in planned.inputs["hub"].items()})
         if entry.name not in force and is_cached(previous, planned.key, planned.output_dir):
             console.rule(f"[bold]{entry.name}[/bold] ({entry.type}) cached", style="dim")
             record.update(status="cached", seconds=previous.get("seconds"), started=previous.get("started"))
         else:
             console.rule(f"[bold]{entry.name}[/bold] ({entry.type})" + (" resuming" if _resumes(planned) else ""))
+            if previous and previous.get("key") != planned.key and entry.name not in force:
+                console.print(f"re-runs: {'; '.join(changed_inputs(previous.get('inputs'), planned.inputs))}",
+                              style="dim", markup=False)
             lineage.record({**record, "status": "running", "started": now()})
             started = time.time()
             try:
@@ -171,12 +179,6 @@ def run_command(pipeline: str, overrides: list[str], *, run_dir: str | None = No
 
 
 def status_command(run_dir: str) -> int:
-    from rich.console import Console
+    from pipelines.status import status_command as show
 
-    from pipelines.report import summary_table
-
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
-        raise LorelayError("not a lorelay run directory (no run.json)", file=run_dir)
-    Console().print(summary_table(json.loads(path.read_text())))
-    return 0
+    return show(run_dir)

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.gates import GATE
-from pipelines.lineage import is_cached
+from pipelines.lineage import changed_inputs, is_cached
 from pipelines.plan import PipelineConfig, PlannedStage, load_pipeline, resolve_stage
+from pipelines.revisions import model_key
 from stages import registry
 from stages.core.errors import ConfigError, DataError, LorelayError, did_you_mean
-from stages.core.modeling import check_model_files, fingerprint
+from stages.core.modeling import check_model_files
 from stages.core.storage import check_output_dir, check_writable_dir
 
 EVALUATION_METRICS = {"task_accuracy": "tasks", "heldout_perplexity": "perplexity_text"}
@@ -75,7 +76,7 @@ def check_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_
     for name in names:
         check_output_dir(run_path / name, field=f"stages.{names.index(name)}.name")
     model_path, _ = check_model_files(pipeline.base.model)
-    base_fingerprint = fingerprint(model_path, pipeline.base.model.revision)
+    base_fingerprint = model_key(model_path, pipeline.base.model.revision)
     lines = pipeline.lines
     previous = _previous_stages(run_path)
 
@@ -268,7 +269,7 @@ def _decide(planned: PlannedStage, previous: dict[str, Any] | None, force, earli
     if previous.get("key") != planned.key:
         if rerun_parents:
             return resume, f"{', '.join(rerun_parents)} runs again"
-        return resume, "its config, data or base model changed"
+        return resume, "; ".join(changed_inputs(previous.get("inputs"), planned.inputs))
     if not is_cached(previous, planned.key, planned.output_dir):
         return resume, "its output is missing or changed since it finished"
     return "cached", "finished with the same config, data and parents"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.core.data.hash_memo import memoised_sha256
 from stages.core.data.records import LoadResult, load_records
 from stages.core.data.spec import DatasetSpec
 from stages.core.errors import ConfigError, DataError
@@ -161,7 +162,13 @@ def _common_form(loaded: Sequence[LoadResult]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
+    """The sha256 of a file, read in 1 MiB chunks; remembered across runs while the file is unchanged
+    (``stages.core.data.hash_memo``)."""
+    return memoised_sha256(path, read_sha256)
+
+
+def read_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in full in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
