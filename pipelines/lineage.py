@@ -75,8 +75,8 @@ def cache_key(inputs: dict) -> str:
 
 def changed_inputs(previous: dict | None, current: dict) -> list[str]:
     """Readable reasons a stage's key changed: which input differs from the recorded one."""
-    if not previous:
-        return ["no earlier inputs recorded"]
+    if not previous:  # a run.json written before inputs were recorded
+        return ["its config, data or base model changed"]
     reasons = []
     for part in ("type", "config", "base", "code", "parents"):
         if previous.get(part) != current.get(part):

@@ -89,8 +89,9 @@ def check_pipeline(pipeline_path: str | Path, overrides: list[str] = (), *, run_
         _check_links(pipeline, index, planned, lines)
         _check_gates(pipeline, index, planned, lines)
         action, reason = _decide(planned, previous.get(entry.name), force, plans)
-        will_run = {p.planned.entry.name for p in plans if p.action != "cached"}
-        _sample_inputs(planned, _written_by(run_path, will_run | ({entry.name} if action != "cached" else set())))
+        if action != "cached":  # a cached stage reads no data: an unchanged run opens no data file
+            will_run = {p.planned.entry.name for p in plans if p.action != "cached"} | {entry.name}
+            _sample_inputs(planned, _written_by(run_path, will_run))
         plans.append(StagePlan(planned, action, reason))
     _check_evaluation(pipeline, lines)
     return RunPlan(pipeline, Path(pipeline_path), model_path, base_fingerprint, plans)
