@@ -1,6 +1,6 @@
 # lorelay: every target sets itself up first, so on a fresh machine each is one command.
 #   make demo        whole pipeline on the embedded model and bundled data, with a report
-#   make test        the test suite (tiny random model, no network)
+#   make test        the test suite (tiny random model, no network); make test-fast skips slow/spawn/chain
 #   make sft|cpt|rm|dpo|pipeline [GPUS=N] [CONFIG=...] [ARGS="key=value ..."]
 #
 # CUDA machines: `make setup TORCH="torch"` (or a pinned CUDA build) instead of the CPU wheel.
@@ -20,7 +20,7 @@ else
 LORELAY = $(VENV)/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes $(GPUS) -m pipelines.cli
 endif
 
-.PHONY: setup test demo sft cpt rm dpo pipeline bench bench-gpu push data clean
+.PHONY: setup test test-fast demo sft cpt rm dpo pipeline bench bench-gpu push data clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# One lane at a time (all lanes together are `make test`, which CI runs): unit tests, then the marked ones.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow and not spawn and not chain"
 
 data: setup
 	$(PY) data/generate.py

@@ -52,6 +52,7 @@ def files_under(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.spawn
 def test_generator_rewrites_the_committed_files_byte_for_byte(tmp_path):
     result = subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path), "--seed", "0"],
                             capture_output=True, text=True, check=True)
@@ -62,6 +63,7 @@ def test_generator_rewrites_the_committed_files_byte_for_byte(tmp_path):
     assert not changed, f"data/demo is stale, run `python data/generate.py`: {changed}"
 
 
+@pytest.mark.spawn
 def test_another_seed_gives_other_data(tmp_path):
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path), "--seed", "1"],
                    capture_output=True, check=True)

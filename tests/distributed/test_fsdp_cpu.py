@@ -17,7 +17,7 @@ import yaml
 from tests.distributed.launch import (ACCELERATE, ROOT, assert_one_output, assert_same_training, env, free_port,
                                       sft_config)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.spawn]
 
 
 def test_the_fsdp_config_on_cpu_trains_the_same_adapter_and_says_it_ran_unsharded(tmp_path, tiny_model_dir,

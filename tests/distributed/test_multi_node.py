@@ -18,7 +18,7 @@ from tests.conftest import write_jsonl
 from tests.distributed.launch import (assert_one_output, assert_same_training, free_port, kill_tree, pairs, run_machines,
                                       sft_config, start_machine, training)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.spawn]
 
 
 def test_a_pipeline_on_two_machines_writes_each_stage_once_and_trains_as_one_process(tmp_path, tiny_model_dir,

@@ -22,7 +22,7 @@ from tests.conftest import write_jsonl
 from tests.distributed.launch import (assert_one_output, assert_same_training, chats, launch, pairs, sft_config,
                                       training)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.spawn]
 
 
 def test_sft_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, one_process_sft):

@@ -34,6 +34,7 @@ def test_a_stage_record_refuses_a_multi_line_description():
         Stage(name="x", config_class=Metric, run=print, description="a\nb", produces_policy=False)
 
 
+@pytest.mark.chain
 def test_a_registered_stage_is_a_subcommand_a_pipeline_type_and_a_report_column(
         echo_registered, tmp_path, tiny_model_dir, capsys):
     with pytest.raises(SystemExit):

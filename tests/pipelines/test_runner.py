@@ -112,6 +112,7 @@ def statuses(run_dir: Path) -> dict[str, str]:
     return {s["name"]: s["status"] for s in run["stages"]}
 
 
+@pytest.mark.chain
 @pytest.mark.slow
 def test_whole_chain_runs_once_and_then_comes_from_cache(tmp_path, tiny_model_dir, data, count_base_loads):
     path = write_pipeline(tmp_path, tiny_model_dir, data, all_stages(data))

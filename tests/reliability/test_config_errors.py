@@ -37,6 +37,7 @@ def lorelay_sft(config: Path, *overrides: str) -> subprocess.CompletedProcess:
     ("data: {datasets: [{path: train.jsonl, fromat: sharegpt}]}\n", [],
      "field 'data.datasets.0.fromat': unknown key 'fromat' in DatasetSpec (did you mean 'format'?)"),
 ])
+@pytest.mark.spawn
 def test_config_errors_name_the_key_and_suggest_the_closest(tmp_path, yaml_text, overrides, expected):
     config = tmp_path / "sft.yaml"
     config.write_text(yaml_text)
@@ -45,6 +46,7 @@ def test_config_errors_name_the_key_and_suggest_the_closest(tmp_path, yaml_text,
     assert expected in done.stderr, done.stderr
 
 
+@pytest.mark.spawn
 def test_a_missing_config_file_suggests_its_neighbour(tmp_path):
     (tmp_path / "sft.yaml").write_text(DATA)
     done = lorelay_sft(tmp_path / "stf.yaml")

@@ -116,6 +116,7 @@ def test_a_100_mb_line_is_refused_by_line_with_bounded_memory(tmp_path):
     assert peak < 2 * MAX_LINE_BYTES + (16 << 20), f"peak {peak >> 20} MiB"
 
 
+@pytest.mark.spawn
 def test_the_cli_names_file_and_line_without_a_traceback_and_touches_no_output(tmp_path, tiny_model_dir):
     from tests.reliability.test_atomic_output import commit
 

@@ -49,6 +49,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
         time.sleep(0.02)
 
 
+@pytest.mark.spawn
 def test_sigterm_checkpoints_exits_130_and_resume_finishes(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, steps=10)
     process = lorelay("sft", "--config", str(config))

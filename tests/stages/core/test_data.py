@@ -720,6 +720,7 @@ def test_spec_refuses_bad_values_by_field(values, field, phrase):
     assert info.value.field == field and phrase in str(info.value)
 
 
+@pytest.mark.spawn
 def test_importing_data_loads_no_heavy_library():
     heavy = ("torch", "transformers", "datasets", "pyarrow")
     code = f"import sys, stages.core.data; print(sorted(m for m in {heavy!r} if m in sys.modules))"

@@ -59,6 +59,7 @@ def chain(new_tokens_cpt):
     return {"states": states, "outputs": outputs, "scores": scores, "base": base}
 
 
+@pytest.mark.chain
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["cpt", "sft", "rm", "generate", "dpo", "judge"])
 def test_each_stage_returns_the_base_exactly_as_lent(chain, stage):
@@ -68,6 +69,7 @@ def test_each_stage_returns_the_base_exactly_as_lent(chain, stage):
     assert not changed, f"{stage} left the base changed in: {changed}"
 
 
+@pytest.mark.chain
 @pytest.mark.slow
 def test_an_adapter_with_new_tokens_carries_them_into_the_next_stages(chain):
     base, outputs = chain["base"], chain["outputs"]

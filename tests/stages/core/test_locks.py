@@ -41,6 +41,7 @@ def holder(tmp_path):
         process.wait()
 
 
+@pytest.mark.spawn
 def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, holder, capsys):
     directory = tmp_path / "out"
     process = holder(directory)
@@ -58,6 +59,7 @@ def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, hol
     assert not (tmp_path / "out.lock").exists()
 
 
+@pytest.mark.spawn
 def test_a_second_stage_on_a_live_output_directory_stops_before_touching_it(tmp_path, holder):
     from stages.core.training import StageOutput
 
@@ -69,6 +71,7 @@ def test_a_second_stage_on_a_live_output_directory_stops_before_touching_it(tmp_
     assert checkpoint.is_dir(), "the live run's checkpoints were touched"
 
 
+@pytest.mark.spawn
 def test_a_second_run_on_a_live_run_directory_stops_at_once(tmp_path, holder, monkeypatch):
     import pipelines.runner as runner
 
