@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.core import compat
 from stages.core.compat import packed_dpo_trainer
 from stages.core.data import Mixture, data_hash, load_mixture
 from stages.core.data.sample import SAMPLE_ROWS, sample_records
@@ -46,7 +47,7 @@ from stages.core.evaluation import greedy_replies, judge_replies, read_prompts, 
 from stages.core.judges import tally
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, attach_adapter, detach_adapter
-from stages.core.preference.config import DPOConfig, precompute_reference
+from stages.core.preference.config import TRL_CONFIGS, DPOConfig, precompute_reference
 from stages.core.preference.dpo_step import report_batching
 from stages.core.preference.trainer_metrics import (HEADLINE, eval_metrics, final_train_metrics, length_report,
                                                     train_history)
@@ -72,12 +73,12 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "dpo": MethodSpec("trl:DPOTrainer", "trl:DPOConfig", reference=True, stage_args=lambda c: dict(
+    "dpo": MethodSpec("trl:DPOTrainer", TRL_CONFIGS["dpo"], reference=True, stage_args=lambda c: dict(
         beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
         precompute_ref_log_probs=precompute_reference(c), max_length=c.data.max_length)),
-    "orpo": MethodSpec("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig", reference=False,
+    "orpo": MethodSpec("trl.experimental.orpo:ORPOTrainer", TRL_CONFIGS["orpo"], reference=False,
                        stage_args=lambda c: dict(beta=c.beta, max_length=c.data.max_length)),
-    "kto": MethodSpec("trl:KTOTrainer", "trl:KTOConfig", reference=True, stage_args=lambda c: dict(
+    "kto": MethodSpec("trl:KTOTrainer", TRL_CONFIGS["kto"], reference=True, stage_args=lambda c: dict(
         beta=c.beta, loss_type=c.loss_type, desirable_weight=c.desirable_weight,
         undesirable_weight=c.undesirable_weight, precompute_ref_log_probs=precompute_reference(c),
         max_length=c.data.max_length)),
@@ -239,9 +240,9 @@ def settle_reference(model, method: MethodSpec, adapter) -> str:
     and switch to it for the reference forward (trl/trainer/dpo_trainer.py). A fresh adapter's copy is the
     base itself (LoRA B starts at zero), so it is dropped: TRL then runs the reference with adapters disabled.
     """
-    if method.reference and adapter is None and "ref" in model.peft_config:
-        model.delete_adapter("ref")
-    if "ref" in model.peft_config:
+    if method.reference and adapter is None and compat.has_reference_adapter(model):
+        model.delete_adapter(compat.TRL_REFERENCE_ADAPTER)
+    if compat.has_reference_adapter(model):
         return "adapter copy 'ref' (the incoming adapter, frozen)"
     return "base (adapters disabled)" if method.reference else "none (ORPO)"
 
@@ -249,9 +250,9 @@ def settle_reference(model, method: MethodSpec, adapter) -> str:
 @contextlib.contextmanager
 def reference_policy(model):
     """Make ``model`` the frozen reference TRL trained against: the ``ref`` adapter copy, or the bare base."""
-    if "ref" in model.peft_config:
+    if compat.has_reference_adapter(model):
         previous = model.active_adapter
-        model.set_adapter("ref", inference_mode=True)
+        model.set_adapter(compat.TRL_REFERENCE_ADAPTER, inference_mode=True)
         try:
             yield model
         finally:

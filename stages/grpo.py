@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.core.compat import has_reference_adapter
+from stages.core import compat
 from stages.core.config import field
 from stages.core.data import DatasetSpec
 from stages.core.errors import ConfigError
@@ -203,7 +203,7 @@ def run(config: GRPOConfig, base: Base, adapter: str | Path | None = None) -> Pa
             model=model, reward_funcs=list(rewards), args=args, train_dataset=train_dataset,
             processing_class=base.tokenizer, callbacks=callbacks(training, has_eval=False, title="grpo")))
         reference = ("none (beta 0)" if config.beta == 0 else
-                     "adapter copy 'ref' (the incoming adapter, frozen)" if has_reference_adapter(model)
+                     "adapter copy 'ref' (the incoming adapter, frozen)" if compat.has_reference_adapter(model)
                      else "base (adapters disabled)")
         result = fit(trainer, output, training)
 

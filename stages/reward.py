@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.core import compat
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture
 from stages.core.data.sample import sample_records
@@ -106,10 +107,10 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
     tokenize = dict(max_length=data.max_length, truncation_side=data.truncation_side, with_margin=with_margin)
     train_columns, train_report = tokenize_pairs(base.tokenizer, mixture.train, **tokenize)
     eval_columns, eval_report = tokenize_pairs(base.tokenizer, mixture.eval, **tokenize)
-    if not train_columns["chosen_ids"]:
+    if not train_columns[compat.CHOSEN_IDS]:
         raise DataError("no training pair is left after tokenization", hint=f"dropped: {dict(train_report.dropped)}")
     train_dataset = Dataset.from_dict(train_columns)
-    eval_dataset = Dataset.from_dict(eval_columns) if eval_columns["chosen_ids"] else None
+    eval_dataset = Dataset.from_dict(eval_columns) if eval_columns[compat.CHOSEN_IDS] else None
     output.mark("data", started)
 
     # ---- model: score head on the shared backbone, LoRA adapter (+ head) on top -----------------
@@ -139,8 +140,8 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
                                        "steps": trainer.state.global_step}
             if eval_dataset is not None:
                 # One scoring pass gives TRL's eval loss and the metrics below (trainer.evaluate() would be a second).
-                chosen = score_ids(model, eval_columns["chosen_ids"], batch_size=training.batch_size)
-                rejected = score_ids(model, eval_columns["rejected_ids"], batch_size=training.batch_size)
+                chosen = score_ids(model, eval_columns[compat.CHOSEN_IDS], batch_size=training.batch_size)
+                rejected = score_ids(model, eval_columns[compat.REJECTED_IDS], batch_size=training.batch_size)
                 metrics["eval_loss"] = eval_loss(chosen, rejected, eval_columns.get("margin"),
                                                  center_coefficient=config.center_rewards_coefficient)
                 metrics.update(pair_metrics(chosen, rejected, prefix="eval_"))
@@ -216,7 +217,7 @@ def tokenize_pairs(tokenizer, records: Sequence[dict], *, max_length: int | None
     (before or after truncation) cannot teach anything and are dropped, counted by reason.
     """
     report = PairReport()
-    columns: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    columns: dict[str, list] = {compat.CHOSEN_IDS: [], compat.REJECTED_IDS: []}
     if with_margin:
         columns["margin"] = []
     for record in records:
@@ -239,8 +240,8 @@ def tokenize_pairs(tokenizer, records: Sequence[dict], *, max_length: int | None
             if chosen == rejected:
                 report.dropped["identical after truncation"] += 1
                 continue
-        columns["chosen_ids"].append(chosen)
-        columns["rejected_ids"].append(rejected)
+        columns[compat.CHOSEN_IDS].append(chosen)
+        columns[compat.REJECTED_IDS].append(rejected)
         if with_margin:
             columns["margin"].append(float(record.get("margin") or 0.0))
         report.kept += 1

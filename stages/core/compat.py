@@ -1,10 +1,22 @@
-"""Every use of a private name of TRL, transformers or PEFT, in one place, each checked by
-``tests/stages/core/test_compat.py`` so that a library upgrade that removes one fails with a clear message.
+"""Every place lorelay relies on a private part of TRL, transformers or PEFT, in one module.
+
+Written against trl 1.16, transformers 5.24 and peft 0.21 (pinned in pyproject.toml).
+``tests/stages/core/test_compat.py`` checks each function here against the installed libraries and, when
+an upgrade removes what one touches, fails with "<library> <version> no longer has ...; lorelay's
+compat.<function> needs updating". Nothing else in lorelay reads a library's ``_private`` names, overrides
+a trainer method, or spells TRL's internal column and adapter names.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+# ----------------------------------------------------------------------------------------------
+# Models and the packed DPO trainer
+# ----------------------------------------------------------------------------------------------
 
 
 def attention_implementation(model) -> str:
@@ -24,15 +36,23 @@ def has_reference_adapter(model) -> bool:
 
 def log_trainer_metrics(trainer, mode: str, values: dict[str, float]) -> None:
     """Append to the per-step metrics TRL's trainers average and log (``trainer._metrics[mode]``)."""
-    metrics = trainer._metrics[mode]
+    metrics = trl_metrics(trainer, mode)
     for key, value in values.items():
         metrics[key].append(value)
 
 
-def count_train_tokens(trainer, tokens: int) -> None:
-    """Add to TRL's running ``num_tokens`` count (``trainer._total_train_tokens``) and log it."""
-    trainer._total_train_tokens += tokens
-    trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+def count_train_tokens(trainer, tokens: int, mode: str = "train") -> None:
+    """Add ``tokens`` (in training) to TRL's running ``num_tokens`` count (``trainer._total_train_tokens``)
+    and log it in ``mode``, as TRL's own ``compute_loss`` does in training and evaluation."""
+    if mode == "train":
+        trainer._total_train_tokens += tokens
+    trl_metrics(trainer, mode)["num_tokens"] = [trainer._total_train_tokens]
+
+
+def tensor_parallel_size(trainer) -> int:
+    """TRL's tensor-parallel degree (``trainer._tp_size``): a token count gathered over all processes
+    repeats each token that many times."""
+    return trainer._tp_size
 
 
 @functools.cache
@@ -65,7 +85,7 @@ def packed_dpo_trainer():
             loss, metrics, row_tokens = dpo_step.loss_and_metrics(self, model, inputs)
             log_trainer_metrics(self, mode, metrics)
             if mode == "train":
-                count_train_tokens(self, row_tokens // self._tp_size)
+                count_train_tokens(self, row_tokens // tensor_parallel_size(self))
             return loss
 
         def compute_ref_log_probs(self, model, inputs):
@@ -75,3 +95,100 @@ def packed_dpo_trainer():
             return dpo_step.reference_logps(self.model, self.ref_model, inputs)
 
     return PackedDPOTrainer
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer internals (transformers.Trainer, TRL's trainers)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint_now(trainer) -> None:
+    """Write a full checkpoint (weights, optimizer, scheduler, RNG, trainer state) at the current step,
+    outside the training loop. transformers has no public method for it: ``Trainer._save_checkpoint`` is
+    what its own loop calls (``save_model`` writes the weights only)."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def watch_training_step(trainer, observe: Callable[[Any], None]) -> Callable[[], None]:
+    """Show the loss of every micro-batch to ``observe`` (no callback event carries it: ``on_log`` sees
+    averages, ``on_pre_optimizer_step`` none). Wraps the instance's ``training_step``; the returned
+    function takes the wrapper off again."""
+    original, shadowed = trainer.training_step, vars(trainer).get("training_step")
+
+    def training_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        observe(loss)
+        return loss
+
+    trainer.training_step = training_step
+
+    def unwatch() -> None:
+        if shadowed is None:
+            vars(trainer).pop("training_step", None)
+        else:
+            trainer.training_step = shadowed
+
+    return unwatch
+
+
+def trainer_with_loss(trainer_class: type, loss: Callable[..., Any], name: str | None = None) -> type:
+    """``trainer_class`` with ``compute_loss`` replaced where ``loss(trainer, model, inputs,
+    num_items_in_batch)`` returns a loss; where it returns None (or outputs are asked for), the class's
+    own ``compute_loss`` runs unchanged. transformers' Trainer documents overriding ``compute_loss``;
+    its keyword ``num_items_in_batch`` is what this relies on."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = None if return_outputs else loss(self, model, inputs, num_items_in_batch)
+        if result is None:
+            return super(subclass, self).compute_loss(model, inputs, return_outputs=return_outputs,
+                                                      num_items_in_batch=num_items_in_batch)
+        return result
+
+    subclass = type(name or f"Lorelay{trainer_class.__name__}", (trainer_class,), {"compute_loss": compute_loss})
+    return subclass
+
+
+def trl_metrics(trainer, mode: str) -> dict[str, list[float]]:
+    """TRL's per-step metric buffer (``trainer._metrics[mode]``, mode ``train`` or ``eval``): the values
+    its ``compute_loss`` collected since the last log step, which TRL averages and logs."""
+    return trainer._metrics[mode]
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's names: tokenized columns, loss types
+# ----------------------------------------------------------------------------------------------
+
+# The tokenized columns TRL's trainers read (and, for preferences, write): SFT's ids and loss mask; the
+# RewardTrainer's and DPOTrainer's two sides of a pair; DPO/KTO's prompt, and KTO's single completion.
+ASSISTANT_MASKS = "assistant_masks"
+CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"
+PROMPT_IDS = "prompt_ids"
+KTO_COMPLETION_IDS = "completion_ids"
+COMPLETION_IDS = (CHOSEN_IDS, REJECTED_IDS, KTO_COMPLETION_IDS)
+
+
+@functools.cache
+def dpo_loss_types() -> tuple[str, ...]:
+    """The ``loss_type`` values TRL's DPOConfig accepts. TRL has no list of them in code (DPOTrainer
+    branches on each name); the field's help text lists them as `'name'`, and that is read here."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    help_text = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata.get("help", "")
+    names = tuple(dict.fromkeys(re.findall(r"`'([a-z_]+)'`", help_text)))
+    if not names:
+        raise RuntimeError("trl's DPOConfig.loss_type help no longer lists the loss types; "
+                           "lorelay's compat.dpo_loss_types needs updating")
+    return names
+
+
+@functools.cache
+def kto_loss_types() -> tuple[str, ...]:
+    """The ``loss_type`` choices of TRL's KTOConfig (its field metadata)."""
+    import dataclasses
+
+    from trl import KTOConfig
+
+    field = {f.name: f for f in dataclasses.fields(KTOConfig)}["loss_type"]
+    return tuple(field.metadata["choices"])

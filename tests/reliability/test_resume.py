@@ -100,7 +100,7 @@ def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
 
     folder = tmp_path / "work" / "checkpoints"
 
-    class FakeTrainer:  # what seal_checkpoint reads from a trainer
+    class FakeTrainer:  # the trainer state seal_checkpoint reads
         class state:  # noqa: N801
             best_model_checkpoint = None
             global_step = 0
@@ -112,7 +112,7 @@ def test_a_damaged_or_unsealed_checkpoint_is_passed_over(tmp_path, capsys):
         (pending / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
         (pending / "trainer_state.json").write_text("{}")
         FakeTrainer.state.global_step = step
-        seal_checkpoint(FakeTrainer, pending, folder / f"checkpoint-{step}", TrainingConfig())
+        seal_checkpoint(FakeTrainer.state, pending, folder / f"checkpoint-{step}", TrainingConfig())
     (folder / "checkpoint-8").mkdir()  # written outside lorelay's rename: no manifest
     (folder / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"bit rot")
 

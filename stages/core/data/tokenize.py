@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from stages.core import compat
 from stages.core.errors import DataError, LorelayError
 
 
@@ -132,7 +133,7 @@ def tokenize_records(tokenizer, records: Sequence[dict], *, max_length: int | No
     rows = Dataset.from_dict({"record": [json.dumps(record, ensure_ascii=False) for record in records]})
     report = TokenizeReport(records=len(rows), history=history)
     if not len(rows):
-        return Dataset.from_dict({"input_ids": [], "assistant_masks": []}, features=_features(stats=False)), report
+        return Dataset.from_dict({"input_ids": [], compat.ASSISTANT_MASKS: []}, features=_features(stats=False)), report
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, max_length=max_length,
                                assistant_only=assistant_only, truncation_side=truncation_side, history=history)
     with PartialState().main_process_first():
@@ -155,13 +156,13 @@ _STATS = {"dropped": "string", "truncated": "bool", "rewritten": "bool", "length
 def _features(*, stats: bool = True):
     from datasets import Features, Sequence as ListOf, Value
 
-    return Features({"input_ids": ListOf(Value("int32")), "assistant_masks": ListOf(Value("int8")),
+    return Features({"input_ids": ListOf(Value("int32")), compat.ASSISTANT_MASKS: ListOf(Value("int8")),
                      **({name: Value(kind) for name, kind in _STATS.items()} if stats else {})})
 
 
 def _encode_batch(batch: dict, *, tokenizer, max_length: int | None, assistant_only: bool, truncation_side: str,
                   history: str) -> dict[str, list]:
-    columns: dict[str, list] = {"input_ids": [], "assistant_masks": [], **{name: [] for name in _STATS}}
+    columns: dict[str, list] = {"input_ids": [], compat.ASSISTANT_MASKS: [], **{name: [] for name in _STATS}}
     for text in batch["record"]:
         record = json.loads(text)
         samples, rewritten = encode_samples(tokenizer, record, assistant_only=assistant_only, history=history)
@@ -173,7 +174,7 @@ def _encode_batch(batch: dict, *, tokenizer, max_length: int | None, assistant_o
             loss = sum(mask)
             dropped = "" if loss else ("no loss-bearing tokens after truncation" if truncated
                                        else "no loss-bearing tokens")
-            for name, value in (("input_ids", ids), ("assistant_masks", mask), ("dropped", dropped),
+            for name, value in (("input_ids", ids), (compat.ASSISTANT_MASKS, mask), ("dropped", dropped),
                                 ("truncated", truncated), ("rewritten", rewritten and position == 0), ("length", len(ids)),
                                 ("loss_length", loss)):
                 columns[name].append(value)

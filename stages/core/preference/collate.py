@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from stages.core import compat
+
 # Attention implementations that take an arbitrary (1, 1, T, T) mask, so a reply can skip its sibling.
 MASKED_ATTENTION = ("sdpa", "eager")
 
@@ -63,8 +65,8 @@ def pair_groups(examples: list[dict], *, max_length: int | None = None, truncati
     n = len(examples)
     groups = []
     for i, example in enumerate(examples):
-        sides = [truncate(example["prompt_ids"], example[key], max_length, truncation_mode)
-                 for key in ("chosen_ids", "rejected_ids")]
+        sides = [truncate(example[compat.PROMPT_IDS], example[key], max_length, truncation_mode)
+                 for key in (compat.CHOSEN_IDS, compat.REJECTED_IDS)]
         replies = [Reply(completion, scored, sequence) for (_, completion, scored), sequence in zip(sides, (i, n + i))]
         prompt_sequence = 2 * n + i if score_prompt else None
         if share_prompt and sides[0][0] == sides[1][0]:
@@ -80,10 +82,10 @@ def unpaired_groups(examples: list[dict], *, max_length: int | None = None, trun
     """Groups of single completions (KTO): completion i is sequence i; ``extra_key`` (the KL completion of
     the same prompt) is sequence n + i, sharing the prompt."""
     n = len(examples)
-    keys = ["completion_ids"] + ([extra_key] if extra_key else [])
+    keys = [compat.KTO_COMPLETION_IDS] + ([extra_key] if extra_key else [])
     groups = []
     for i, example in enumerate(examples):
-        sides = [truncate(example["prompt_ids"], example[key], max_length, truncation_mode) for key in keys]
+        sides = [truncate(example[compat.PROMPT_IDS], example[key], max_length, truncation_mode) for key in keys]
         replies = [Reply(completion, scored, i + k * n) for k, (_, completion, scored) in enumerate(sides)]
         if share_prompt and all(side[0] == sides[0][0] for side in sides):
             groups.append(Group(sides[0][0], replies))

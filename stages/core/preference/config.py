@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from stages.core import compat
 from stages.core.config import field
 from stages.core.data import DatasetSpec
 from stages.core.errors import ConfigError, did_you_mean
@@ -17,10 +18,8 @@ from stages.core.training import TrainingConfig
 
 Method = Literal["dpo", "orpo", "kto"]
 
-# TRL 1.16's DPOConfig.loss_type options (trl/trainer/dpo_config.py) and KTOConfig.loss_type options.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
+# Each method's TRL config class ("module:Class"): the recipe builds it, trl_args are checked against it.
+TRL_CONFIGS = {"dpo": "trl:DPOConfig", "orpo": "trl.experimental.orpo:ORPOConfig", "kto": "trl:KTOConfig"}
 
 @dataclasses.dataclass
 class PreferenceData:
@@ -72,8 +71,9 @@ class DPOConfig:
         0.1, help="dpo/kto: how far the policy may move from the reference (higher: less); ipo: tau; "
                   "orpo: lambda, the weight of the odds-ratio term.")
     loss_type: str | list[str] | None = field(
-        None, help=f"dpo: one of {', '.join(DPO_LOSSES)}, or a list of them summed with loss_weights "
-                   f"(default sigmoid). kto: {' or '.join(KTO_LOSSES)} (default kto). orpo: not used.")
+        None, help="dpo: one of TRL's DPOConfig loss types (sigmoid, hinge, ipo, apo_zero, ...), or a list of them "
+                   "summed with loss_weights (default sigmoid). kto: kto or apo_zero_unpaired (KTOConfig's choices; "
+                   "default kto). orpo: not used.")
     loss_weights: list[float] | None = field(None, help="dpo: weight of each loss in loss_type (default 1.0 each).")
     rpo_alpha: float | None = field(
         None, help="dpo: weight of an SFT (negative log-likelihood) term on the chosen replies, added to the "
@@ -140,9 +140,9 @@ class DPOConfig:
         if not losses:
             raise ConfigError("name at least one loss", field="loss_type")
         for loss in losses:
-            if loss not in DPO_LOSSES:
-                raise ConfigError(f"unknown DPO loss '{loss}'{_suggest(loss, DPO_LOSSES)}; expected one of "
-                                  f"{', '.join(DPO_LOSSES)}", field="loss_type")
+            if loss not in compat.dpo_loss_types():
+                raise ConfigError(f"unknown DPO loss '{loss}'{_suggest(loss, compat.dpo_loss_types())}; expected "
+                                  f"one of {', '.join(compat.dpo_loss_types())}", field="loss_type")
         if len(set(losses)) != len(losses):
             raise ConfigError("a loss is listed twice; give it a larger weight instead", field="loss_type")
         if self.loss_weights is not None and len(self.loss_weights) != len(losses):
@@ -174,10 +174,10 @@ class DPOConfig:
 
     def _check_kto(self) -> None:
         loss = self.loss_type or "kto"
-        if not isinstance(loss, str) or loss not in KTO_LOSSES:
+        if not isinstance(loss, str) or loss not in compat.kto_loss_types():
             shown = loss if isinstance(loss, str) else loss[0] if len(loss) == 1 else loss
-            raise ConfigError(f"KTO's loss is one of {', '.join(KTO_LOSSES)}, got {shown!r}"
-                              f"{_suggest(str(shown), KTO_LOSSES)}", field="loss_type")
+            raise ConfigError(f"KTO's loss is one of {', '.join(compat.kto_loss_types())}, got {shown!r}"
+                              f"{_suggest(str(shown), compat.kto_loss_types())}", field="loss_type")
         for name in ("loss_weights", "rpo_alpha"):
             if getattr(self, name) is not None:
                 raise ConfigError("KTO has one loss; weigh its two sides with desirable_weight/undesirable_weight",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+from stages.core import compat
 from stages.core.preference.collate import MASKED_ATTENTION, PackedPairCollator
 from stages.core.preference.logps import sequence_logps, supports_packed_logps
 from stages.core.preference.losses import DPO_PACKED_LOSSES, PairLogps, dpo_loss
@@ -82,7 +83,7 @@ def reference_logps(model, ref_model, batch: dict):
 
     inner = getattr(model, "module", model)
     if ref_model is None and hasattr(inner, "peft_config"):
-        context = use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None)
+        context = use_adapter(inner, adapter_name=compat.TRL_REFERENCE_ADAPTER if compat.has_reference_adapter(inner) else None)
         scorer = model
     else:
         context, scorer = contextlib.nullcontext(), ref_model or model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stages.core import compat
+
 # TRL's logged metric -> our name in metrics.json (prefixed eval_ / train_).
 HEADLINE = {
     "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
@@ -39,16 +41,17 @@ def length_report(dataset, examples: int, max_length: int | None) -> dict[str, i
         return {"examples": examples, "used": 0, "dropped_prompt_too_long": 0, "truncated": 0}
     report: dict[str, int | None] = {"examples": examples, "used": len(dataset),
                                      "dropped_prompt_too_long": max(0, examples - len(dataset)), "truncated": None}
-    sides = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]
+    prompt = compat.PROMPT_IDS
+    sides = [c for c in compat.COMPLETION_IDS if c in dataset.column_names]
     if max_length is None:
         report["truncated"] = 0
-    elif "prompt_ids" in dataset.column_names and sides and len(dataset):
+    elif prompt in dataset.column_names and sides and len(dataset):
         import pyarrow.compute as pc
 
-        table = dataset.select_columns(["prompt_ids", *sides]).with_format("arrow")[:]
-        longest = pc.list_value_length(table["prompt_ids"])
+        table = dataset.select_columns([prompt, *sides]).with_format("arrow")[:]
+        longest = pc.list_value_length(table[prompt])
         for side in sides:
-            longest_side = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table[side]))
+            longest_side = pc.add(pc.list_value_length(table[prompt]), pc.list_value_length(table[side]))
             longest = pc.max_element_wise(longest, longest_side)
         report["truncated"] = int(pc.sum(pc.greater(longest, max_length)).as_py() or 0)
     return report

@@ -14,8 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
+from stages.core import compat
 from stages.core.config import to_dict
-from stages.core.training.args import TrainingConfig, say
+from stages.core.training.args import TrainingConfig, barrier, say
 from stages.core.training.outputs import file_checksums, fsync_dir, fsync_tree, inside, sha256_of, write_durably
 
 CHECKPOINT_MANIFEST = "lorelay-checkpoint.json"
@@ -35,40 +36,55 @@ def checkpoint_bytes_needed(folder: Path, model=None) -> int:
     return 2 * size + (64 << 20)
 
 
-def atomic_save(trainer, training: TrainingConfig):
-    """``_save_checkpoint`` that writes into ``checkpoints/.incomplete/checkpoint-N`` and renames the
-    folder into place once every file is written, fsynced and listed with its sha256 in
-    ``lorelay-checkpoint.json``. A crash mid-save leaves only the pending folder, which no resume
-    ever picks (``last_checkpoint`` wants ``checkpoints/checkpoint-N`` with a verified manifest)."""
-    from transformers.trainer_utils import rotate_checkpoints
+class AtomicCheckpoints:
+    """Checkpoints written into ``checkpoints/.incomplete/checkpoint-N`` and renamed into place once every
+    file is written, fsynced and listed with its sha256 in ``lorelay-checkpoint.json``.
 
-    original = trainer._save_checkpoint
+    Driven by two public trainer events (``CheckpointControl`` calls them): at a step or epoch end that
+    will save, ``begin`` points ``args.output_dir`` at the pending folder, so the trainer's own save writes
+    there; ``on_save`` (the trainer's "a checkpoint was saved" event) points it back, seals the checkpoint,
+    renames it into place and only then rotates old checkpoints. A crash mid-save leaves only the pending
+    folder, which no resume ever picks (``last_checkpoint`` wants ``checkpoints/checkpoint-N`` with a
+    verified manifest), and the previous checkpoints untouched.
+    """
 
-    def save_checkpoint(model, trial):
-        run_dir = Path(trainer._get_output_dir(trial))
-        name = f"checkpoint-{trainer.state.global_step}"
-        pending_root = run_dir / PENDING_CHECKPOINTS
-        pending, final = pending_root / name, run_dir / name
-        if trainer.args.should_save and pending.exists():
+    def __init__(self, training: TrainingConfig):
+        self.training = training
+        self.run_dir: Path | None = None  # the real checkpoints folder while args.output_dir points aside
+
+    def begin(self, args, state) -> None:
+        run_dir = self.run_dir or Path(args.output_dir)
+        pending = run_dir / PENDING_CHECKPOINTS / f"checkpoint-{state.global_step}"
+        if args.should_save and pending.exists():
             shutil.rmtree(pending)  # left by a crash: never resumed from, never completed
-        trainer.accelerator.wait_for_everyone()
-        trainer.args.output_dir = str(pending_root)
-        try:
-            original(model, trial)
-        finally:
-            trainer.args.output_dir = str(run_dir)
-        trainer.accelerator.wait_for_everyone()
-        if trainer.args.should_save:
-            seal_checkpoint(trainer, pending, final, training)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=trainer.args.save_total_limit,
-                               best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
-        trainer.accelerator.wait_for_everyone()
+        barrier()
+        self.run_dir = run_dir
+        args.output_dir = str(run_dir / PENDING_CHECKPOINTS)
 
-    return save_checkpoint
+    def finish(self, args, state) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        if self.run_dir is None:
+            return
+        run_dir = self.restore(args)
+        barrier()  # every process has written its part (RNG state, shards)
+        if args.should_save:
+            name = f"checkpoint-{state.global_step}"
+            seal_checkpoint(state, run_dir / PENDING_CHECKPOINTS / name, run_dir / name, self.training)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=False)
+        barrier()
+
+    def restore(self, args) -> Path | None:
+        """Point ``args.output_dir`` back at the checkpoints folder (also after a failed save)."""
+        run_dir, self.run_dir = self.run_dir, None
+        if run_dir is not None:
+            args.output_dir = str(run_dir)
+        return run_dir
 
 
-def seal_checkpoint(trainer, pending: Path, final: Path, training: TrainingConfig) -> None:
-    state = trainer.state
+def seal_checkpoint(state, pending: Path, final: Path, training: TrainingConfig) -> None:
+    """Checksum a written checkpoint (``state``: the trainer's state) and rename it from ``pending`` to ``final``."""
     if state.best_model_checkpoint and Path(state.best_model_checkpoint) == pending:
         state.best_model_checkpoint = str(final)  # transformers recorded the pending path
         state.save_to_json(str(pending / "trainer_state.json"))
@@ -90,11 +106,13 @@ def seal_checkpoint(trainer, pending: Path, final: Path, training: TrainingConfi
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def save_final_checkpoint(trainer, output: "StageOutput") -> None:
+def save_final_checkpoint(trainer, work_dir: Path, atomic: AtomicCheckpoints) -> None:
     """After a stop request that came too late for a step boundary: make sure the state is saved."""
-    newest = last_checkpoint(output.work_dir, quiet=True)
+    newest = last_checkpoint(work_dir, quiet=True)
     if newest is None or not newest.endswith(f"checkpoint-{trainer.state.global_step}"):
-        trainer._save_checkpoint(trainer.model, trial=None)
+        atomic.begin(trainer.args, trainer.state)
+        compat.save_checkpoint_now(trainer)
+        atomic.finish(trainer.args, trainer.state)
 
 
 def warn_on_changed_settings(checkpoint: str, training: TrainingConfig) -> None:

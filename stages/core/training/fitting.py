@@ -15,11 +15,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
+from stages.core import compat
 from stages.core.errors import LorelayError
 from stages.core.training.args import TrainingConfig, is_main_process, say, say_if_not_sharded
-from stages.core.training.checkpoints import (atomic_save, checkpoint_bytes_needed, last_checkpoint,
+from stages.core.training.checkpoints import (AtomicCheckpoints, checkpoint_bytes_needed, last_checkpoint,
                                               save_final_checkpoint, warn_on_changed_settings)
 from stages.core.training.outputs import StageOutput, check_free_disk
 
@@ -79,17 +79,18 @@ def fit(trainer, output: StageOutput, training: TrainingConfig):
         guard = NonFiniteGuard(training.on_nonfinite)
         trainer.add_callback(guard)
     stop = StopRequest()
-    control = CheckpointControl(guard, stop, before_save=_disk_check(output))
+    atomic = AtomicCheckpoints(training)
+    control = CheckpointControl(guard, stop, before_save=_disk_check(output), atomic=atomic)
     trainer.add_callback(control)
-    patched = _patch(trainer, _save_checkpoint=atomic_save(trainer, training),
-                     training_step=_watched_step(trainer, guard))
+    unwatch = compat.watch_training_step(trainer, guard.observe_loss)
     try:
         with stop.installed():
             result = trainer.train(resume_from_checkpoint=resume_from)
             if stop.signal is not None and guard.failure is None and control.error is None:
-                save_final_checkpoint(trainer, output)
+                save_final_checkpoint(trainer, output.work_dir, atomic)
     finally:
-        _unpatch(trainer, patched)
+        unwatch()
+        atomic.restore(trainer.args)  # a save that failed midway leaves output_dir pointing aside
         trainer.remove_callback(control)
     if guard.failure is not None:
         step, what = guard.failure
@@ -175,32 +176,3 @@ def _disk_check(output: StageOutput):
         return None
 
     return check
-
-
-def _patch(trainer, **methods) -> dict[str, Any]:
-    """Set instance attributes that shadow the trainer's methods; returns what to restore."""
-    saved = {name: trainer.__dict__.get(name) for name in methods}
-    for name, function in methods.items():
-        setattr(trainer, name, function)
-    return saved
-
-
-def _unpatch(trainer, saved: dict[str, Any]) -> None:
-    for name, previous in saved.items():
-        if previous is None:
-            trainer.__dict__.pop(name, None)
-        else:
-            setattr(trainer, name, previous)
-
-
-def _watched_step(trainer, guard):
-    """``training_step`` that shows each micro-batch's loss to the guard (no device sync here)."""
-    original = trainer.training_step
-
-    def training_step(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        guard.observe_loss(loss)
-        return loss
-
-    return training_step
-

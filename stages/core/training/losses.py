@@ -22,6 +22,8 @@ import importlib.util
 import inspect
 from typing import Any
 
+from stages.core import compat
+
 # Above this many logits (labelled positions x vocabulary) the compact logits would take more memory than
 # TRL's chunked head (which never holds more than 4,096 x 32,768), so TRL's loss is used instead.
 MAX_COMPACT_LOGITS = 1 << 28  # 1 GiB of fp32 logits
@@ -96,61 +98,65 @@ def sft_trainer_class():
     sequence parallelism, or prompt-learning adapter) on a device where TRL's head is not already compact,
     for a model that takes ``logits_to_keep``; otherwise TRL's ``compute_loss`` runs unchanged.
     """
-    import torch
     from trl import SFTTrainer
 
-    class LorelaySFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not self._compact_loss_applies(model, inputs):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            model_inputs["use_cache"] = False
-            result = compact_lm_loss(model, model_inputs, inputs["labels"], num_items_in_batch)
-            loss = result.loss
-            # As TRL (and Trainer): num_items_in_batch counts every rank's tokens, and DDP averages gradients.
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            self._log_compact_metrics(mode, inputs, result)
-            return loss
+    return compat.trainer_with_loss(SFTTrainer, sft_compact_loss, name="LorelaySFTTrainer")
 
-        def _compact_loss_applies(self, model, inputs) -> bool:
-            labels = inputs.get("labels")
-            if labels is None or labels.dim() != 2:
-                return False
-            if (self.compute_loss_func is not None or self.label_smoother is not None
-                    or self.args.loss_type != "nll" or self.aux_loss_enabled):
-                return False
-            parallelism = self.accelerator.parallelism_config
-            if parallelism is not None and (parallelism.cp_enabled or parallelism.sp_enabled):
-                return False
-            if trl_head_is_compact(labels.device):
-                return False
-            unwrapped = self.accelerator.unwrap_model(model)
-            peft_config = getattr(unwrapped, "active_peft_config", None)
-            if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-                return False
-            if not accepts_logits_mask(unwrapped):
-                return False
-            labelled = int((labels[:, 1:] != -100).sum())
-            return labelled * unwrapped.config.get_text_config().vocab_size <= MAX_COMPACT_LOGITS
 
-        def _log_compact_metrics(self, mode: str, inputs, result: CompactLoss) -> None:
-            """The metrics TRL's compute_loss logs: entropy, mean_token_accuracy, num_tokens."""
-            gather = self.accelerator.gather_for_metrics
-            labelled = gather(result.labelled.reshape(1)).sum()
-            entropy = gather(result.entropy_sum.detach().reshape(1)).sum()
-            correct = gather(result.correct.reshape(1)).sum()
-            self._metrics[mode]["entropy"].append((entropy / labelled).item() if labelled > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append((correct / labelled).item() if labelled > 0 else 0.0)
-            if mode == "train":
-                if "attention_mask" in inputs:
-                    tokens = gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
-                else:
-                    local = torch.tensor([inputs["position_ids"].size(1)], device=inputs["position_ids"].device)
-                    tokens = gather(local).sum().item()
-                self._total_train_tokens += tokens // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+def sft_compact_loss(trainer, model, inputs, num_items_in_batch):
+    """The compact loss of one batch for ``trainer`` (an SFTTrainer), or None where TRL's own applies."""
+    if not compact_loss_applies(trainer, model, inputs):
+        return None
+    mode = "train" if trainer.model.training else "eval"
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs["use_cache"] = False
+    result = compact_lm_loss(model, model_inputs, inputs["labels"], num_items_in_batch)
+    loss = result.loss
+    # As TRL (and Trainer): num_items_in_batch counts every rank's tokens, and DDP averages gradients.
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
+    _log_compact_metrics(trainer, mode, inputs, result)
+    return loss
 
-    return LorelaySFTTrainer
+
+def compact_loss_applies(trainer, model, inputs) -> bool:
+    labels = inputs.get("labels")
+    if labels is None or labels.dim() != 2:
+        return False
+    if (trainer.compute_loss_func is not None or trainer.label_smoother is not None
+            or trainer.args.loss_type != "nll" or trainer.aux_loss_enabled):
+        return False
+    parallelism = trainer.accelerator.parallelism_config
+    if parallelism is not None and (parallelism.cp_enabled or parallelism.sp_enabled):
+        return False
+    if trl_head_is_compact(labels.device):
+        return False
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    peft_config = getattr(unwrapped, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    if not accepts_logits_mask(unwrapped):
+        return False
+    labelled = int((labels[:, 1:] != -100).sum())
+    return labelled * unwrapped.config.get_text_config().vocab_size <= MAX_COMPACT_LOGITS
+
+
+def _log_compact_metrics(trainer, mode: str, inputs, result: CompactLoss) -> None:
+    """The metrics TRL's compute_loss logs: entropy, mean_token_accuracy, num_tokens."""
+    import torch
+
+    gather = trainer.accelerator.gather_for_metrics
+    labelled = gather(result.labelled.reshape(1)).sum()
+    entropy = gather(result.entropy_sum.detach().reshape(1)).sum()
+    correct = gather(result.correct.reshape(1)).sum()
+    compat.log_trainer_metrics(trainer, mode, {
+        "entropy": (entropy / labelled).item() if labelled > 0 else 0.0,
+        "mean_token_accuracy": (correct / labelled).item() if labelled > 0 else 0.0})
+    tokens = 0
+    if mode == "train":
+        if "attention_mask" in inputs:
+            tokens = gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
+        else:
+            local = torch.tensor([inputs["position_ids"].size(1)], device=inputs["position_ids"].device)
+            tokens = gather(local).sum().item()
+    compat.count_train_tokens(trainer, tokens // compat.tensor_parallel_size(trainer), mode)

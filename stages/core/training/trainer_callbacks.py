@@ -151,13 +151,14 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class CheckpointControl(TrainerCallback):
-    """Runs last at each step end: turns a stop request (``stop.signal``, set by ``fit``'s signal
-    handlers) into a checkpoint and the end of training, and calls ``before_save(state, model)``
-    before any checkpoint is written; an error it returns cancels the save and stops training
-    (kept in ``error`` for ``fit`` to raise)."""
+    """Runs last at each step and epoch end: turns a stop request (``stop.signal``, set by ``fit``'s signal
+    handlers) into a checkpoint and the end of training, and calls ``before_save(state, model)`` before
+    any checkpoint is written; an error it returns cancels the save and stops training (kept in ``error``
+    for ``fit`` to raise). A save that goes ahead is written aside and sealed by ``atomic``
+    (``AtomicCheckpoints``): ``begin`` here, ``finish`` at the trainer's ``on_save``."""
 
-    def __init__(self, guard: NonFiniteGuard, stop, before_save):
-        self.guard, self.stop, self.before_save = guard, stop, before_save
+    def __init__(self, guard: NonFiniteGuard, stop, before_save, atomic):
+        self.guard, self.stop, self.before_save, self.atomic = guard, stop, before_save, atomic
         self.error: LorelayError | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -167,10 +168,25 @@ class CheckpointControl(TrainerCallback):
             self.stop.signal = self.stop.signal or "a stop request on another process"
             control.should_save = True
             control.should_training_stop = True
+        return self._prepare_save(args, state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.guard.failure is not None:
+            control.should_save = False
+            return control
+        return self._prepare_save(args, state, control, model)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.atomic.finish(args, state)
+        return control
+
+    def _prepare_save(self, args, state, control, model):
         if control.should_save and self.error is None:
             self.error = self.before_save(state, model)
         if any_rank(self.error is not None, args.device):
             self.error = self.error or LorelayError("another process could not save a checkpoint")
             control.should_save = False
             control.should_training_stop = True
+        if control.should_save:
+            self.atomic.begin(args, state)
         return control

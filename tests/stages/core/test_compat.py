@@ -1,10 +1,29 @@
-"""Each private name of TRL/transformers that ``stages/core/compat.py`` uses still exists."""
+"""stages.core.compat: each private name lorelay touches still exists in the installed TRL, transformers and
+PEFT. A failure names the library version and the compat function to update. (The behaviour behind each one
+is proven where it is used: tests/stages/core/training/test_losses.py, tests/reliability/, tests/stages/test_dpo.py.)"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import importlib.metadata
 import inspect
 
+import pytest
 import torch
+import transformers
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardTrainer, SFTTrainer
+
+from stages.core import compat
+
+
+def outdated(library: str, what: str, function: str) -> str:
+    version = importlib.metadata.version(library)
+    return f"{library} {version} no longer has {what}; lorelay's compat.{function} needs updating"
+
+
+def source_of(cls_or_module) -> str:
+    return inspect.getsource(inspect.getmodule(cls_or_module))
 
 
 def test_attention_implementation_is_read_from_the_model_config(tiny_model_dir):
@@ -44,3 +63,97 @@ def test_trl_still_names_its_reference_adapter_copy_ref():
         "stages.core.compat.TRL_REFERENCE_ADAPTER")
     assert f'use_adapter(model, adapter_name="{TRL_REFERENCE_ADAPTER}"' in inspect.getsource(GRPOTrainer), (
         "TRL's GRPOTrainer no longer switches to the reference adapter by this name: update stages.core.compat")
+
+
+def test_save_checkpoint_now_calls_the_trainers_own_checkpoint_writer():
+    method = getattr(transformers.Trainer, "_save_checkpoint", None)
+    assert method is not None, outdated("transformers", "Trainer._save_checkpoint", "save_checkpoint_now")
+    assert list(inspect.signature(method).parameters)[:3] == ["self", "model", "trial"], \
+        outdated("transformers", "Trainer._save_checkpoint(model, trial)", "save_checkpoint_now")
+
+
+def test_watch_training_step_sees_every_loss_and_unwatches():
+    parameters = inspect.signature(transformers.Trainer.training_step).parameters
+    assert list(parameters)[1:3] == ["model", "inputs"], \
+        outdated("transformers", "Trainer.training_step(model, inputs, ...)", "watch_training_step")
+
+    class Stepper:
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return inputs * 2
+
+    stepper, seen = Stepper(), []
+    unwatch = compat.watch_training_step(stepper, seen.append)
+    assert [stepper.training_step(None, 1), stepper.training_step(None, 3)] == [2, 6] and seen == [2, 6]
+    unwatch()
+    stepper.training_step(None, 5)
+    assert seen == [2, 6] and "training_step" not in vars(stepper)
+
+
+def test_trainer_with_loss_overrides_compute_loss_and_falls_back():
+    parameters = inspect.signature(SFTTrainer.compute_loss).parameters
+    assert {"model", "inputs", "return_outputs", "num_items_in_batch"} <= set(parameters), \
+        outdated("trl", "SFTTrainer.compute_loss(model, inputs, return_outputs, num_items_in_batch)",
+                 "trainer_with_loss")
+
+    class Base:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return ("library", inputs)
+
+    own = compat.trainer_with_loss(Base, lambda trainer, model, inputs, n: "lorelay" if inputs > 0 else None)
+    assert own().compute_loss(None, 1) == "lorelay"
+    assert own().compute_loss(None, -1) == ("library", -1)
+    assert own().compute_loss(None, 1, return_outputs=True) == ("library", 1)  # outputs: the library's path
+
+
+def test_trl_metric_buffers_exist_on_the_sft_trainer():
+    source = inspect.getsource(SFTTrainer)
+    for name, function in (("self._metrics = ", "trl_metrics"), ("self._total_train_tokens", "count_train_tokens"),
+                           ("self._tp_size", "tensor_parallel_size")):
+        assert name in source, outdated("trl", f"SFTTrainer.{name.split('.')[1].split(' ')[0]}", function)
+
+    class Trainer:  # the buffers as SFTTrainer sets them up
+        _metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+        _total_train_tokens, _tp_size = 10, 2
+
+    compat.log_trainer_metrics(Trainer, "train", {"entropy": 0.5})
+    compat.count_train_tokens(Trainer, 8 // compat.tensor_parallel_size(Trainer))
+    compat.count_train_tokens(Trainer, 0, "eval")  # evaluation logs the count, adds nothing
+    assert compat.trl_metrics(Trainer, "train") == {"entropy": [0.5], "num_tokens": [14]}
+    assert compat.trl_metrics(Trainer, "eval") == {"num_tokens": [14]}
+
+
+@pytest.mark.parametrize("trainer", [DPOTrainer, KTOTrainer])
+def test_the_reference_adapter_name_is_trls(trainer):
+    assert f'add_adapter("{compat.TRL_REFERENCE_ADAPTER}"' in source_of(trainer), \
+        outdated("trl", f"{trainer.__name__}'s reference adapter '{compat.TRL_REFERENCE_ADAPTER}'", "TRL_REFERENCE_ADAPTER")
+
+
+@pytest.mark.parametrize("trainer, columns", [
+    (SFTTrainer, [compat.ASSISTANT_MASKS]),
+    (RewardTrainer, [compat.CHOSEN_IDS, compat.REJECTED_IDS]),
+    (DPOTrainer, [compat.PROMPT_IDS, compat.CHOSEN_IDS, compat.REJECTED_IDS]),
+    (KTOTrainer, [compat.PROMPT_IDS, compat.KTO_COMPLETION_IDS]),
+])
+def test_tokenized_column_names_are_trls(trainer, columns):
+    source = source_of(trainer)
+    for column in columns:
+        assert f'"{column}"' in source, outdated("trl", f"the tokenized column '{column}' in {trainer.__name__}",
+                                                 "the column names (ASSISTANT_MASKS, CHOSEN_IDS, ...)")
+
+
+def test_dpo_loss_types_come_from_trls_config_and_each_is_implemented():
+    names = compat.dpo_loss_types()
+    assert "sigmoid" in names and len(names) >= 10, outdated("trl", "the loss list in DPOConfig.loss_type's help",
+                                                             "dpo_loss_types")
+    source = source_of(DPOTrainer)
+    unhandled = [name for name in names if f'loss_type == "{name}"' not in source]
+    assert not unhandled, outdated("trl", f"DPOTrainer branches for {unhandled}", "dpo_loss_types")
+    assert DPOConfig(output_dir="unused", loss_type=[names[-1]], use_cpu=True).loss_type == [names[-1]]
+
+
+def test_kto_loss_types_are_the_configs_choices():
+    field = {f.name: f for f in dataclasses.fields(KTOConfig)}.get("loss_type")
+    assert field is not None and "choices" in field.metadata, \
+        outdated("trl", "KTOConfig.loss_type's choices", "kto_loss_types")
+    assert compat.kto_loss_types() == tuple(field.metadata["choices"])
+    assert field.default in compat.kto_loss_types()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.core.training.losses import compact_lm_loss, label_positions, sft_trainer_class
+from stages.core import compat
 from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base
+from stages.core.training.losses import compact_lm_loss, compact_loss_applies, label_positions, sft_trainer_class
 
 CHATS = [
     [{"role": "user", "content": "Route this ticket: my invoice is wrong"}, {"role": "assistant", "content": "billing"}],
@@ -108,9 +109,9 @@ def test_lorelay_trainer_matches_trl_loss_and_logged_metrics(base, model, tmp_pa
         model.zero_grad()
         loss = trainer.compute_loss(model, dict(inputs))
         loss.backward()
-        results[name] = (loss.detach(), lora_grads(model), {k: v[-1] for k, v in trainer._metrics["train"].items()})
+        results[name] = (loss.detach(), lora_grads(model), {k: v[-1] for k, v in compat.trl_metrics(trainer, "train").items()})
         if name == "lorelay":
-            assert trainer._compact_loss_applies(model, inputs)
+            assert compact_loss_applies(trainer, model, inputs)
     (trl_loss, trl_grads, trl_metrics), (our_loss, our_grads, our_metrics) = results["trl"], results["lorelay"]
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-6)
     for name in trl_grads:
@@ -123,5 +124,5 @@ def test_lorelay_trainer_matches_trl_loss_and_logged_metrics(base, model, tmp_pa
 def test_other_losses_fall_back_to_trl(base, model, tmp_path):
     inputs = batch(base.tokenizer, padding_free=True)
     trainer = sft_trainer(sft_trainer_class(), base, model, tmp_path, loss_type="dft")
-    assert not trainer._compact_loss_applies(model, inputs)
+    assert not compact_loss_applies(trainer, model, inputs)
     assert torch.isfinite(trainer.compute_loss(model, dict(inputs)))
