@@ -51,8 +51,9 @@ from stages.core.evaluation import mean_token_loss
 from stages.core.lifecycle import borrows_base, extend_vocabulary
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
 from stages.core.stage import Metric, Stage
-from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, perplexity,
-                             quiet_trainer, seed_everything, trainable_parameters, trainer_args, world_size)
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
+                                  perplexity, quiet_trainer, seed_everything, trainable_parameters,
+                                  trainer_args, world_size)
 
 
 @dataclasses.dataclass
@@ -96,6 +97,7 @@ class CPTConfig:
                                   help="Tokens added to the tokenizer (embeddings resized; needs embed_tokens and lm_head in lora.modules_to_save).")
 
     def __post_init__(self):
+        check_trl_args(self.training.trl_args, "trl:SFTConfig")
         if not self.data.sources:
             raise ConfigError("at least one training corpus is needed", field="data.sources")
         if self.data.streaming and self.data.max_tokens is None and self.training.max_steps <= 0:

@@ -45,8 +45,9 @@ from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter
 from stages.core.prompts import PromptSet, load_prompts
 from stages.core.rewards import RewardSpec, check_rewards, load_rewards, pass_rates
 from stages.core.stage import Metric, Stage
-from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
-                                  seed_everything, trainable_parameters, trainer_args, world_size)
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
+                                  quiet_trainer, seed_everything, trainable_parameters, trainer_args,
+                                  world_size)
 from stages.grpo_reward_model import RewardModelReward
 
 # TRL's logged metric -> our name in train_history (rewards/<name>/mean are added per reward).
@@ -121,6 +122,7 @@ class GRPOConfig:
     generation_batch_size: int = field(16, help="Prompts per batch when generating the held-out replies.")
 
     def __post_init__(self):
+        check_trl_args(self.training.trl_args, "trl:GRPOConfig")
         if not self.data.datasets:
             raise ConfigError("at least one prompt dataset is needed", field="data.datasets")
         if not self.rewards and self.reward_model is None:

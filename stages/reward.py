@@ -46,8 +46,8 @@ from stages.core.preference.losses import reward_pair_loss
 from stages.core.scoring import (attach_reward_adapter, check_bare, conversation_ids, detach_reward_adapter,
                                  score_ids)
 from stages.core.stage import Metric, Stage
-from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process, quiet_trainer,
-                             trainable_parameters, trainer_args)
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
+                                  quiet_trainer, trainable_parameters, trainer_args)
 
 
 
@@ -81,6 +81,7 @@ class RewardConfig:
     disable_dropout: bool = field(True, help="Train without dropout (LoRA's included) for steadier rewards; restored afterwards.")
 
     def __post_init__(self):
+        check_trl_args(self.training.trl_args, "trl:RewardConfig")
         if not self.data.datasets:
             raise ConfigError("at least one training dataset is needed", field="data.datasets")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:

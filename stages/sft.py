@@ -29,9 +29,9 @@ from stages.core.evaluation import sample_generations
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
 from stages.core.stage import Metric, Stage
-from stages.core.training import (StageOutput, TrainingConfig, callbacks, fit, is_main_process,
-                             perplexity, quiet_trainer, seed_everything, trainable_parameters,
-                             trainer_args)
+from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
+                                  perplexity, quiet_trainer, seed_everything, trainable_parameters,
+                                  trainer_args)
 
 
 @dataclasses.dataclass
@@ -68,6 +68,7 @@ class SFTConfig:
     sample_max_new_tokens: int = field(48, help="Length of the before/after sample replies.")
 
     def __post_init__(self):
+        check_trl_args(self.training.trl_args, "trl:SFTConfig")
         if not self.data.datasets:
             raise ConfigError("at least one training dataset is needed", field="data.datasets")
 

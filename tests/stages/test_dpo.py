@@ -111,7 +111,7 @@ def dpo_run(base, incoming, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dpo-run")
     data_file = write_jsonl(tmp / "pairs.jsonl", PAIRS)
-    config = dpo_config(tmp, data_file, "training.max_steps=8")
+    config = dpo_config(tmp, data_file, "training.max_steps=8", "training.trl_args={logging_nan_inf_filter: false}")
     embedding_shape = base.model.get_input_embeddings().weight.shape
     base_storage = parameter_storage(base.model)
     base_before = digests(base.model)
@@ -124,7 +124,8 @@ def dpo_run(base, incoming, tmp_path_factory):
         model = trainer.model
         refs = {name: p for name, p in model.named_parameters() if ".ref." in name}
         seen.update(ref_model=trainer.ref_model, adapters=sorted(model.peft_config), ref_count=len(refs),
-                    ref_trainable=[n for n, p in refs.items() if p.requires_grad])
+                    ref_trainable=[n for n, p in refs.items() if p.requires_grad],
+                    nan_inf_filter=trainer.args.logging_nan_inf_filter)
         seen["ref_is_incoming"] = [n for n, p in refs.items()
                                    if not torch.equal(p, incoming_weights[n.replace(".ref.", ".")])]
         result = real_fit(trainer, output, training)
@@ -153,6 +154,10 @@ def test_dpo_trains_against_a_frozen_copy_of_the_incoming_adapter(dpo_run, base)
     assert digests(base.model) == dpo_run.base_before
     assert not any("lora_" in name for name, _ in base.model.named_parameters())
     assert "forward" not in vars(base.model)
+
+
+def test_trl_args_reach_the_dpo_trainer(dpo_run):
+    assert dpo_run.seen["nan_inf_filter"] is False  # TRL's default is True
 
 
 def test_dpo_keeps_one_set_of_base_weights_resident(dpo_run):

@@ -14,7 +14,7 @@ from stages.core.config import field
 from stages.core.data import DatasetSpec
 from stages.core.errors import ConfigError, did_you_mean
 from stages.core.modeling import LoraSettings, ModelConfig
-from stages.core.training import TrainingConfig
+from stages.core.training import TrainingConfig, check_trl_args
 
 Method = Literal["dpo", "orpo", "kto"]
 
@@ -103,6 +103,7 @@ class DPOConfig:
     generation_batch_size: int = field(8, help="Prompts per generation and scoring batch.")
 
     def __post_init__(self):
+        check_trl_args(self.training.trl_args, TRL_CONFIGS[self.method])
         if not self.data.datasets:
             raise ConfigError("at least one training dataset is needed", field="data.datasets")
         if self.beta <= 0:

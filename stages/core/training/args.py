@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.core.config import field
-from stages.core.errors import ConfigError
+from stages.core.errors import ConfigError, did_you_mean
 
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
                     "warmup_stable_decay"]
@@ -52,6 +52,10 @@ class TrainingConfig:
         False, help="Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the model (TRL/transformers' "
                     "use_liger_kernel). CUDA only; needs `pip install liger-kernel`. The LM head and loss stay "
                     "lorelay's (reply tokens only) where those apply.")
+    trl_args: dict[str, Any] = field(
+        default_factory=dict, help="Any other argument of the stage's TRL config (SFTConfig, DPOConfig, ...; "
+                                   "e.g. {neftune_noise_alpha: 5}), checked against that class's fields. Keys "
+                                   "lorelay sets itself are refused with the setting to use instead.")
     on_nonfinite: Literal["stop", "skip"] = field(
         "stop", help="A NaN/inf loss or gradient: stop, keeping the last good checkpoint, or skip that step "
                      "(counted in metrics.json; 6 bad steps in a row still stop).")
@@ -196,8 +200,55 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
         remove_unused_columns=False,
         use_liger_kernel=training.use_liger_kernel,
     )
+    check_trl_args(training.trl_args, config_class, stage_keys=stage_args)
     args.update(stage_args)
+    args.update(training.trl_args)
     return config_class(**args)
+
+
+# TRL arguments lorelay derives from its own settings (trainer_args), and where a user sets them instead.
+MANAGED_TRL_ARGS = {
+    "output_dir": "training.output_dir", "seed": "training.seed", "data_seed": "training.seed",
+    "num_train_epochs": "training.epochs", "max_steps": "training.max_steps",
+    "per_device_train_batch_size": "training.batch_size", "per_device_eval_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "learning_rate": "training.learning_rate", "lr_scheduler_type": "training.lr_scheduler",
+    "lr_scheduler_kwargs": "training.min_lr_ratio and training.decay_ratio", "warmup_steps": "training.warmup_ratio",
+    "warmup_ratio": "training.warmup_ratio", "weight_decay": "training.weight_decay",
+    "max_grad_norm": "training.max_grad_norm", "optim": "training.optimizer", "logging_steps": "training.logging_steps",
+    "eval_strategy": "training.eval_steps", "eval_steps": "training.eval_steps", "save_strategy": "training.save_steps",
+    "save_steps": "training.save_steps", "save_total_limit": "training.save_total_limit",
+    "load_best_model_at_end": "training.early_stopping_patience",
+    "metric_for_best_model": "training.early_stopping_patience", "report_to": "training.report_to",
+    "resume_from_checkpoint": "training.resume", "bf16": "model.dtype", "fp16": "model.dtype",
+    "use_cpu": "the device (CUDA when available)", "activation_checkpointing": "model.activation_checkpointing",
+    "gradient_checkpointing": "model.activation_checkpointing", "use_liger_kernel": "training.use_liger_kernel",
+    # lorelay's checkpoints and data depend on these:
+    "save_only_model": "nothing: resume needs the optimizer state", "remove_unused_columns": "nothing: lorelay's "
+    "datasets hold exactly the columns the trainer needs",
+}
+
+
+def check_trl_args(trl_args: dict[str, Any], config_class: type | str, *, stage_keys=()) -> None:
+    """Refuse a ``training.trl_args`` key that ``config_class`` (a TRL config, or ``"module:Name"``) has no
+    field for, naming the closest one, and keys that lorelay or the stage (``stage_keys``) set themselves.
+    Stage configs call it when they are built, so that the error names the config file's line."""
+    if not trl_args:
+        return
+    if isinstance(config_class, str):
+        module, _, name = config_class.partition(":")
+        config_class = getattr(importlib.import_module(module), name)
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    for key in trl_args:
+        where = f"training.trl_args.{key}"
+        if key in MANAGED_TRL_ARGS:
+            raise ConfigError(f"lorelay sets {key} itself", field=where, hint=f"set {MANAGED_TRL_ARGS[key]}")
+        if key in stage_keys:
+            raise ConfigError(f"the stage sets {key} from its own settings", field=where,
+                              hint="use the stage's key for it (lorelay NAME --help-config)")
+        if key not in fields:
+            raise ConfigError(f"{config_class.__name__} has no argument '{key}'", field=where,
+                              hint=did_you_mean(key, fields) or f"see the {config_class.__name__} documentation")
 
 
 def available_trackers(requested: list[str]) -> list[str]:
