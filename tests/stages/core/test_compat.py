@@ -157,3 +157,30 @@ def test_kto_loss_types_are_the_configs_choices():
         outdated("trl", "KTOConfig.loss_type's choices", "kto_loss_types")
     assert compat.kto_loss_types() == tuple(field.metadata["choices"])
     assert field.default in compat.kto_loss_types()
+
+
+def test_trl_still_casts_a_quantized_models_trainables_to_bf16_which_lorelay_undoes_for_fp32_compute():
+    """keep_trainables_in_compute_dtype exists because of this cast; if TRL drops it, the undo is a no-op to remove."""
+    from trl import RewardTrainer, SFTTrainer
+
+    for trainer in (SFTTrainer, RewardTrainer):
+        source = inspect.getsource(trainer.__init__)
+        assert "param.data = param.data.to(torch.bfloat16)" in source, (
+            f"TRL's {trainer.__name__} no longer casts a quantized model's trainable parameters to bf16: "
+            "stages.core.compat.keep_trainables_in_compute_dtype can go")
+
+
+def test_trainables_of_a_quantized_fp32_model_go_back_to_fp32(tiny_model_dir):
+    import torch
+
+    from stages.core.compat import keep_trainables_in_compute_dtype
+    from stages.core.modeling import LoraSettings, ModelConfig, attach_adapter, load_base
+
+    base = load_base(ModelConfig(name=str(tiny_model_dir), quantization="4bit", dtype="float32"), device="cpu")
+    model = attach_adapter(base.model, LoraSettings(r=4, alpha=8))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.bfloat16)  # what TRL's __init__ does
+    cast = keep_trainables_in_compute_dtype(model)
+    assert cast and all("lora_" in name for name in cast)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
