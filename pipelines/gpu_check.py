@@ -25,6 +25,7 @@ lacks - says "skip" with the reason; the 4-bit path runs on CPU too (bitsandbyte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -281,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
               "  On a CUDA machine: make setup TORCH=torch && make gpu-check\n"
               "  To check this script on CPU: python -m pipelines.gpu_check --dry-run", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="lorelay-gpu-check-") as scratch:
-        work = options.work or Path(scratch)
+    out = options.out.resolve()
+    # The demo pipeline and recipes name their data relative to the repository.
+    with tempfile.TemporaryDirectory(prefix="lorelay-gpu-check-") as scratch, contextlib.chdir(ROOT):
+        work = (options.work or Path(scratch)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         if options.dry_run:
             from stages.core.default_model import TINY_LLAMA, save_random_llama
@@ -294,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_checks(target, options.only)
     info = device_description(options.dry_run)
     print_table(results, info)
-    options.out.write_text(json.dumps({**info, "results": [dataclasses.asdict(r) for r in results]}, indent=2) + "\n")
-    print(f"gpu-check: results in {options.out}")
+    out.write_text(json.dumps({**info, "results": [dataclasses.asdict(r) for r in results]}, indent=2) + "\n")
+    print(f"gpu-check: results in {out}")
     return 1 if any(result.status == "fail" for result in results) else 0
 
 
