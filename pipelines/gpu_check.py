@@ -16,7 +16,7 @@ The plan, each item timed and reported as pass / fail / skip (with the reason) i
    not a runnable config), one SFT step each;
 4. ``merge``: ``lorelay merge`` of the chain's QLoRA SFT adapter, whose merged logits must match the live
    4-bit-base-plus-adapter logits on fixed prompts within ``MERGE_TOLERANCE``;
-5. ``bench``: ``bench/gpu.py`` in its quick mode.
+5. ``bench``: ``bench/gpu.py`` quickly (3 measured steps per combination).
 
 The dry run uses the tiny model, float32 and - where a step needs a GPU kernel or launcher that CPU
 lacks - says "skip" with the reason; the 4-bit path runs on CPU too (bitsandbytes), only slowly.
@@ -177,7 +177,7 @@ def merge_fidelity(target: Target) -> str:
 
 
 def gpu_bench(target: Target) -> str:
-    mode = ["--dry-run"] if target.dry_run else ["--quick"]
+    mode = ["--dry-run"] if target.dry_run else ["--steps", "3", "--warmup", "1"]  # quick: a few steps each
     out = target.work / "bench-gpu.json"
     subprocess_check([sys.executable, str(ROOT / "bench" / "gpu.py"), *mode, "--out", str(out)], timeout=540)
     runs = json.loads(out.read_text()).get("runs", [])
