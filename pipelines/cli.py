@@ -156,6 +156,8 @@ def quiet_library_noise() -> None:
     # per-map and weight-loading bars would break up lorelay's own progress lines
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # read the variable at its import: too late for a process that has it already
+        sys.modules["datasets"].disable_progress_bars()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
