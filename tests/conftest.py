@@ -79,6 +79,18 @@ def base_state(base) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's matmuls take microseconds; on a shared 2-core machine a second OpenMP thread turns
+    each into milliseconds of waiting (see tests/stages/test_dpo.py). Use it with pytest.mark.usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def new_tokens_cpt(tmp_path_factory, tiny_model_dir):
     """A CPT stage trained with two new tokens (embeddings and LM head in full), on a base that has
@@ -102,5 +114,12 @@ def new_tokens_cpt(tmp_path_factory, tiny_model_dir):
         "training.batch_size=4", "training.learning_rate=3e-2", "training.logging_steps=1",
         f"model.name={tiny_model_dir}"])
     before = base_state(base)
-    output = cpt.run(config, base)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread does, for this session-wide fixture
+    try:
+        output = cpt.run(config, base)
+    finally:
+        torch.set_num_threads(threads)
     return SimpleNamespace(base=base, output=output, before=before, after=base_state(base), root=root)

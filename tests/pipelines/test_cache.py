@@ -21,6 +21,8 @@ from pipelines.status import next_run
 from tests.conftest import write_jsonl
 from tests.pipelines.test_runner import chats, statuses, write_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN = {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "warmup_ratio": 0.0}
 
 
@@ -160,3 +162,18 @@ def test_the_base_row_is_re_evaluated_for_another_base(tiny_model_dir, tmp_path)
     assert first.policy("base", None, row) is row, "same base, same files: the row is re-used"
     second = Evaluator(config, load_base(ModelConfig(name=str(other))), tmp_path / "run", Console(quiet=True))
     assert second.policy("base", None, row)["config_hash"] != row["config_hash"], "another base: re-evaluated"
+
+
+def test_run_restart_discards_an_interrupted_stage_instead_of_resuming_it(tmp_path, tiny_model_dir):
+    from pipelines.plan import load_pipeline, resolve_stage
+
+    data = write_jsonl(tmp_path / "a.jsonl", chats(4))
+    path = write_pipeline(tmp_path, tiny_model_dir, {"tasks": "", "prompts": "", "heldout": ""}, [sft("sft", data)],
+                          evaluation={})
+    (tmp_path / "run" / "sft.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    pipeline, _ = load_pipeline(path, [])
+    resumed = resolve_stage(pipeline, 0, [], {}, "base")
+    restarted = resolve_stage(pipeline, 0, [], {}, "base", restart=True)
+    assert (resumed.config.training.resume, resumed.config.training.restart) == (True, False)
+    assert (restarted.config.training.resume, restarted.config.training.restart) == (False, True)
+    assert resumed.key == restarted.key, "how a stage starts is not part of what it produces"

@@ -23,6 +23,8 @@ from stages.core.config import load_config
 from tests.conftest import write_jsonl
 from tests.reliability.helpers import CHATS, assert_same_adapter, base, checkpoints  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Four steps, a checkpoint every two; dropout on, so the RNG state must be restored too.
 SCHEDULE = ["training.max_steps=4", "training.save_steps=2", "training.batch_size=2", "training.learning_rate=1e-2",
             "training.warmup_ratio=0.25", "training.logging_steps=1", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1"]
@@ -65,7 +67,8 @@ print("finished without being killed", flush=True)
 def killed_child(spec: dict) -> None:
     """Run ``spec`` in a child process that SIGKILLs itself at step 3 of the stage named by ``kill_in``."""
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]),
+                                                           "OMP_NUM_THREADS": "1"})
     assert done.returncode == -signal.SIGKILL, f"not killed (rc {done.returncode}): {done.stderr[-2000:]}"
 
 

@@ -15,6 +15,8 @@ from stages.core.modeling import LoraSettings, attach_adapter
 from stages.core.training import verify_output
 from tests.conftest import NEW_TOKENS, base_state, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN = ["training.max_steps=2", "training.batch_size=4", "training.learning_rate=1e-2",
          "training.logging_steps=1", "training.warmup_ratio=0.0"]
 CHATS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: the <|nimbus|> is broken"},
