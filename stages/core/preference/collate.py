@@ -101,7 +101,8 @@ def pack(groups: list[Group], *, with_mask: bool = True) -> dict[str, Any]:
     ``with_mask`` is False (only valid when no group shares a prompt); ``score_positions``,
     ``score_targets``, ``score_sequences`` (N,): row position whose hidden state predicts each scored
     token, that token, and its sequence; ``sequence_ends`` (S,): the row position of each sequence's last
-    token; ``sequence_tokens`` (S,): scored tokens per sequence.
+    token; ``sequence_tokens`` (S,): scored tokens per sequence; ``group_starts`` (G + 1,): where each
+    group begins, and the row's end (no attention crosses them, so the row can be run in pieces).
     """
     import torch
 
@@ -116,10 +117,12 @@ def pack(groups: list[Group], *, with_mask: bool = True) -> dict[str, Any]:
                         max((g.prompt_sequence for g in groups if g.prompt_sequence is not None), default=-1))
     ends = [0] * sequences
     counts = [0] * sequences
+    group_starts: list[int] = []
     for g, group in enumerate(groups):
         if not with_mask and len(group.replies) > 1:
             raise ValueError("a group shares its prompt between replies: that needs the attention mask")
         start = len(tokens)
+        group_starts.append(start)
         tokens += group.prompt
         positions += range(len(group.prompt))
         group_of += [g] * len(group.prompt)
@@ -154,6 +157,7 @@ def pack(groups: list[Group], *, with_mask: bool = True) -> dict[str, Any]:
         "score_sequences": torch.tensor(score_sequences, dtype=torch.long),
         "sequence_ends": torch.tensor(ends, dtype=torch.long),
         "sequence_tokens": torch.tensor(counts, dtype=torch.long),
+        "group_starts": torch.tensor(group_starts + [len(tokens)], dtype=torch.long),
     }
     if with_mask:
         batch["attention_mask"] = block_mask(torch.tensor(group_of), torch.tensor(branch_of))

@@ -12,7 +12,12 @@ import dataclasses
 from typing import Any
 
 # Keys of a packed batch that are not model inputs.
-PACKED_KEYS = ("score_positions", "score_targets", "score_sequences", "sequence_ends", "sequence_tokens")
+PACKED_KEYS = ("score_positions", "score_targets", "score_sequences", "sequence_ends", "sequence_tokens",
+               "group_starts")
+# Groups are run through the decoder in pieces of about this many tokens: a dense attention kernel computes
+# every (query, key) pair of what it is given, masked or not, so one row of a whole micro-batch would cost
+# (all tokens)^2 where the groups need only the sum of (group tokens)^2.
+PIECE_TOKENS = 1024
 
 
 @dataclasses.dataclass
@@ -48,19 +53,38 @@ def supports_packed_logps(model) -> str | None:
     return None
 
 
-def hidden_states(decoder, batch: dict):
-    """The decoder's last hidden states of the packed row, (T, hidden)."""
-    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                  attention_mask=_mask_for(decoder, batch["attention_mask"]), use_cache=False)
-    return out.last_hidden_state[0]
+def hidden_states(decoder, batch: dict, piece_tokens: int = PIECE_TOKENS):
+    """The decoder's last hidden states of the packed row, (T, hidden), computed piece by piece: whole
+    groups, about ``piece_tokens`` at a time (exact: no attention crosses a group boundary)."""
+    import torch
+
+    mask = batch["attention_mask"]
+    pieces = []
+    for start, end in _pieces(batch["group_starts"].tolist(), piece_tokens):
+        out = decoder(input_ids=batch["input_ids"][:, start:end], position_ids=batch["position_ids"][:, start:end],
+                      attention_mask=None if mask is None else _mask_for(decoder, mask[:, :, start:end, start:end]),
+                      use_cache=False)
+        pieces.append(out.last_hidden_state[0])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def sequence_logps(model, batch: dict, num_sequences: int | None = None) -> SequenceLogps:
+def _pieces(starts: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive runs of whole groups of at most ``budget`` tokens (a longer group is a piece alone)."""
+    pieces, begin = [], starts[0]
+    for end, following in zip(starts[1:], starts[2:] + [None]):
+        if following is None or following - begin > budget:
+            pieces.append((begin, end))
+            begin = end
+    return pieces
+
+
+def sequence_logps(model, batch: dict, num_sequences: int | None = None,
+                   piece_tokens: int = PIECE_TOKENS) -> SequenceLogps:
     """Summed log-probs of each sequence's completion tokens, computed from a packed row."""
     import torch
 
     decoder, head = causal_lm_parts(model)
-    hidden = hidden_states(decoder, batch)
+    hidden = hidden_states(decoder, batch, piece_tokens)
     logits = head(hidden.index_select(0, batch["score_positions"])).float()
     targets = batch["score_targets"]
     token_logps = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)

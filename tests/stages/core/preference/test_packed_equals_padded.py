@@ -145,13 +145,15 @@ def test_dpo_logps_losses_and_grads_equal_trls_padded_batches(policy, examples, 
                       losses.dpo_loss(losses.PairLogps.split(theirs, counts), ref_chosen, ref_rejected, beta=0.1))
 
 
-def test_unshared_rows_equal_shared_rows(policy, examples):
-    """The fallback for kernels without a mask (one segment per sequence) computes the same values."""
+def test_unshared_rows_and_rows_run_in_pieces_equal_shared_rows(policy, examples):
+    """The fallback for kernels without a mask (one segment per sequence), and a row run through the decoder
+    one group at a time (as long rows are), compute the same values."""
     shared = collate.pack(collate.pair_groups(examples, share_prompt=True))
     unshared = collate.pack(collate.pair_groups(examples, share_prompt=False))
     assert unshared["input_ids"].shape[1] > shared["input_ids"].shape[1]
-    torch.testing.assert_close(sequence_logps(policy, shared).logps, sequence_logps(policy, unshared).logps,
-                               atol=ATOL, rtol=SUM_RTOL)
+    whole = sequence_logps(policy, shared).logps
+    torch.testing.assert_close(whole, sequence_logps(policy, unshared).logps, atol=ATOL, rtol=SUM_RTOL)
+    torch.testing.assert_close(whole, sequence_logps(policy, shared, piece_tokens=1).logps, atol=ATOL, rtol=SUM_RTOL)
 
 
 def test_orpo_loss_and_grads_equal_padded(policy, examples):
