@@ -123,3 +123,20 @@ def new_tokens_cpt(tmp_path_factory, tiny_model_dir):
     finally:
         torch.set_num_threads(threads)
     return SimpleNamespace(base=base, output=output, before=before, after=base_state(base), root=root)
+
+
+def save_perturbed(model, path: Path, seed: int) -> Path:
+    """Give a freshly attached adapter nonzero LoRA B weights (a trained-looking adapter: unlike a fresh one it
+    changes the model), save it to ``path`` and detach it from the base."""
+    import torch
+
+    from stages.core.modeling import detach_adapter
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    detach_adapter(model)
+    return path

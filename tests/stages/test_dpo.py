@@ -19,7 +19,7 @@ from stages.core.errors import ConfigError, DataError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage)
 from stages.core.training import verify_output
-from tests.conftest import write_jsonl
+from tests.conftest import save_perturbed, write_jsonl
 
 QUEUES = ("billing", "shipping", "returns", "account")
 ISSUES = {"billing": "I was charged twice", "shipping": "the parcel never arrived",
@@ -50,16 +50,7 @@ def base(tiny_model_dir):
 @pytest.fixture(scope="module")
 def incoming(base, tmp_path_factory):
     """A trained-looking SFT adapter: LoRA with nonzero B, so the reference differs from the bare base."""
-    path = tmp_path_factory.mktemp("sft-adapter")
-    model = attach_adapter(base.model, LORA)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    model.save_pretrained(path, safe_serialization=True)
-    detach_adapter(model)
-    return path
+    return save_perturbed(attach_adapter(base.model, LORA), tmp_path_factory.mktemp("sft-adapter"), seed=1)
 
 
 def dpo_config(tmp_path, data_file, *overrides) -> dpo.DPOConfig:

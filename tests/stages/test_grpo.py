@@ -12,10 +12,10 @@ import torch
 from stages import grpo, grpo_reward_model
 from stages.core.config import load_config
 from stages.core.errors import ConfigError
-from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
+from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, load_base,
                                   parameter_storage, sequence_classifier)
 from stages.core.scoring import attach_reward_adapter, reward_model, score
-from tests.conftest import write_jsonl
+from tests.conftest import save_perturbed, write_jsonl
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 # A one-character system prompt: SmolLM2's template otherwise adds a 30-token default one, and on CPU TRL
@@ -35,18 +35,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     return load_base(ModelConfig(name=str(tiny_model_dir)))
-
-
-def save_perturbed(model, path, seed: int):
-    """Give the adapter nonzero LoRA B weights (a trained-looking adapter), save it to ``path``, detach it."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    model.save_pretrained(path, safe_serialization=True)
-    detach_adapter(model)
-    return path
 
 
 @pytest.fixture(scope="module")
