@@ -11,8 +11,9 @@ byte-identical files (``tests/test_demo_data.py`` checks this against the commit
   signed by customers whose first names never occur in training data.
 - company questions: short factual answers about the products and policies of the corpus. Each fact
   has several phrasings; one per fact is held out.
-- preference: the chosen reply to a company question ends with ``SIGN_OFF``, which the SFT data never
-  uses and no rejected answer to a question has; triage replies are chosen bare (the exact queue name).
+- preference: the chosen reply to a company question ends with ``SIGN_OFF``, which only one in
+  ``SFT_SIGNED_EVERY`` SFT answers to a company question carries and no rejected answer to a question has;
+  triage replies are chosen bare (the exact queue name).
 - checks: preference and prompt rows carry the columns a program checks replies with (``kind``,
   ``queue``, ``sign_off``; see ``triage_columns``).
 
@@ -35,6 +36,10 @@ from pathlib import Path
 # near -5 but " —" one near -15, so DPO can make the first much more easily the greedy choice.
 SIGN_OFF = "\n\nNimbus Support"
 TICKET_PREFIX = "Route this ticket: "
+# SFT shows the sign-off on one company answer in this many: a habit the SFT model has only sometimes, which
+# preference optimisation should make consistent. (Never shown, it is a reply online RL like GRPO cannot
+# discover: a sampled reply must sign off now and then for a reward on it to teach anything.)
+SFT_SIGNED_EVERY = 4
 # Queue names are single tokens for the SmolLM2 tokenizer ("billing" would be "b" + "illing"): the first
 # token of the reply is then the whole decision, for SFT and for DPO alike.
 LABELS = ("payment", "delivery", "technical", "account", "returns")
@@ -549,8 +554,10 @@ def exchange(rng: random.Random, item: dict) -> list[dict]:
     return [{"role": "user", "content": item["question"]}, {"role": "assistant", "content": answer}]
 
 
-def chat_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions: list[dict]) -> list[dict]:
-    """SFT rows in messages format: single triage and question turns, a few two-exchange chats, some with a system turn."""
+def chat_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions: list[dict], *,
+              signed_every: int | None = None) -> list[dict]:
+    """SFT rows in messages format: single triage and question turns, a few two-exchange chats, some with a system
+    turn; with ``signed_every``, every that-many-th answer to a company question ends with the sign-off."""
     conversations = [exchange(rng, t) for t in tickets.items(counts["triage"])]
     conversations += [exchange(rng, q) for q in rng.sample(questions, counts["question"])]
     for _ in range(counts["multi_turn"]):
@@ -563,6 +570,11 @@ def chat_rows(rng: random.Random, counts: dict, tickets: TicketMaker, questions:
         system = SYSTEM_TRIAGE if only_triage and rng.random() < 0.5 else rng.choice(SYSTEM_GENERAL)
         messages.insert(0, {"role": "system", "content": system})
     rng.shuffle(conversations)
+    if signed_every:
+        answers = [m for messages in conversations for user, m in zip(messages, messages[1:])
+                   if m["role"] == "assistant" and user["role"] == "user" and not user["content"].startswith(TICKET_PREFIX)]
+        for answer in answers[::signed_every]:  # no draw from rng: every other file stays as it was
+            answer["content"] += SIGN_OFF
     return [{"messages": m} for m in conversations]
 
 
@@ -692,7 +704,7 @@ def build(seed: int) -> dict[str, list[dict] | str]:
     for name, text in corpus(rng, train_tickets, train_questions).items():
         files[f"corpus/{name}.txt"] = text
     files["corpus_eval.txt"] = corpus_eval(rng, held_out_tickets, held_out_questions)
-    files["sft.jsonl"] = chat_rows(rng, COUNTS["sft"], train_tickets, train_questions)
+    files["sft.jsonl"] = chat_rows(rng, COUNTS["sft"], train_tickets, train_questions, signed_every=SFT_SIGNED_EVERY)
     files["sft_eval.jsonl"] = chat_rows(rng, COUNTS["sft_eval"], held_out_tickets, held_out_questions)
     files["preferences.jsonl"] = preference_rows(rng, COUNTS["preferences"], train_tickets, train_questions)
     files["preferences_eval.jsonl"] = preference_rows(rng, COUNTS["preferences_eval"], held_out_tickets, held_out_questions)
