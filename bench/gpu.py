@@ -153,6 +153,7 @@ def synthetic_data(directory: Path, tokenizer, options) -> dict[str, Path]:
 def run_stage(stage: str, combo: dict, checkpoint: Path, data: Path, work: Path, options) -> dict:
     """One stage run through its own ``run``, timed per optimizer step by a callback beside the stage's."""
     import stages.dpo as dpo_stage
+    from stages.core.preference.config import DPOTraining, PreferenceData
     import stages.sft as sft_stage
     from stages.core.data import DatasetSpec
     from stages.core.modeling import ModelConfig, load_base
@@ -175,8 +176,8 @@ def run_stage(stage: str, combo: dict, checkpoint: Path, data: Path, work: Path,
     else:
         module = dpo_stage
         config = dpo_stage.DPOConfig(model=model_config,
-                                     training=dpo_stage.DPOTraining(**common, gradient_accumulation_steps=1),
-                                     data=dpo_stage.PreferenceData(datasets=[DatasetSpec(path=str(data))],
+                                     training=DPOTraining(**common, gradient_accumulation_steps=1),
+                                     data=PreferenceData(datasets=[DatasetSpec(path=str(data))],
                                                                    eval_ratio=0.0, max_length=None),
                                      sample_prompts=1, max_new_tokens=1)
     meter = _meter_class()()
