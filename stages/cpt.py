@@ -50,7 +50,7 @@ from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import mean_token_loss
 from stages.core.lifecycle import borrows_base, extend_vocabulary
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter, settings_from_adapter
-from stages.core.stage import Metric, Stage
+from stages.core.stage import FIT_METRICS, Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
                                   perplexity, quiet_trainer, seed_everything, trainable_parameters,
                                   trainer_args, world_size)
@@ -299,8 +299,7 @@ STAGE = Stage(
     produces_policy=True,
     headline=(Metric("perplexity_after", "CPT ppl", "{:.2f}"),),
     card_tags=("continued-pretraining",),
-    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
-             "total_parameters", "perplexity_before", "perplexity_after", "eval_loss_before", "eval_loss_after",
+    metrics=(*FIT_METRICS, "perplexity_before", "perplexity_after", "eval_loss_before", "eval_loss_after",
              "eval_tokens", "train_tokens", "train_tokens_per_second"),
     preflight=preflight,
 )

@@ -41,7 +41,7 @@ from typing import Any
 from stages.core import compat
 from stages.core.compat import packed_dpo_trainer
 from stages.core.data import Mixture, data_hash, load_mixture
-from stages.core.data.sample import SAMPLE_ROWS, sample_records
+from stages.core.data.sample import SAMPLE_ROWS, sample_stage_data
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import greedy_replies, judge_replies, read_prompts, reward_verdicts
 from stages.core.judges import tally
@@ -51,7 +51,7 @@ from stages.core.preference.config import TRL_CONFIGS, DPOConfig, precompute_ref
 from stages.core.preference.dpo_step import report_batching
 from stages.core.preference.trainer_metrics import (HEADLINE, eval_metrics, final_train_metrics, length_report,
                                                     train_history)
-from stages.core.stage import Metric, Stage
+from stages.core.stage import FIT_METRICS, Metric, Stage
 from stages.core.training import (StageOutput, callbacks, fit, is_main_process, quiet_trainer, seed_everything,
                                   trainable_parameters, trainer_args)
 
@@ -308,11 +308,7 @@ def judge(base: Base, rm_dir: Path, prompts: list[dict], samples: list[dict], *,
 
 def preflight(config: DPOConfig, skip=lambda path: False) -> None:
     """The first rows of every dataset and of the win-rate prompts, read as run() reads them."""
-    data = config.data
-    if not data.datasets:
-        raise ConfigError("no datasets given: list at least one", field="data.datasets")
-    sample_records([*data.datasets, *data.eval_datasets], data_kind(config), skip_invalid=data.skip_invalid,
-                   skip=skip)
+    sample_stage_data(config.data, data_kind(config), skip=skip)
     if config.win_rate_prompts is not None and not skip(config.win_rate_prompts.path):
         read_prompts(config.win_rate_prompts, SAMPLE_ROWS)
 
@@ -322,8 +318,7 @@ STAGE = Stage(
     description="Preference optimisation: DPO, ORPO or KTO.",
     produces_policy=True,
     headline=(Metric("eval_loss", "eval loss"), Metric("eval_reward_accuracy", "DPO acc", "{:.1%}")),
-    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
-             "total_parameters", "eval_loss",
+    metrics=(*FIT_METRICS, "eval_loss",
              *(f"{split}_{name}" for split in ("train", "eval") for name in HEADLINE.values()),
              "win_rate", "win_rate_excl_ties", "wins", "losses", "ties", "win_rate_n", "reward_policy_mean",
              "reward_reference_mean"),

@@ -38,14 +38,14 @@ from typing import Any, Literal
 from stages.core import compat
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture
-from stages.core.data.sample import sample_records
+from stages.core.data.sample import sample_stage_data
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, sequence_classifier
 from stages.core.preference.losses import reward_pair_loss
 from stages.core.scoring import (attach_reward_adapter, check_bare, conversation_ids, detach_reward_adapter,
                                  score_ids)
-from stages.core.stage import Metric, Stage
+from stages.core.stage import FIT_METRICS, Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
                                   quiet_trainer, trainable_parameters, trainer_args)
 
@@ -274,10 +274,7 @@ def _dropout_off(model, *, enabled: bool):
 
 def preflight(config: RewardConfig, skip=lambda path: False) -> None:
     """The first rows of every dataset, read as run() reads them (``lorelay run`` checks before loading)."""
-    if not config.data.datasets:
-        raise ConfigError("no datasets given: list at least one", field="data.datasets")
-    sample_records([*config.data.datasets, *config.data.eval_datasets], "preference",
-                   skip_invalid=config.data.skip_invalid, skip=skip)
+    sample_stage_data(config.data, "preference", skip=skip)
 
 
 STAGE = Stage(
@@ -287,8 +284,7 @@ STAGE = Stage(
     produces_reward_model=True,
     headline=(Metric("eval_loss", "eval loss"), Metric("eval_accuracy", "RM acc", "{:.1%}")),
     card_tags=("reward-model",),
-    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
-             "total_parameters", "eval_loss", "eval_pairs", "eval_accuracy", "eval_margin_mean",
+    metrics=(*FIT_METRICS, "eval_loss", "eval_pairs", "eval_accuracy", "eval_margin_mean",
              "eval_chosen_score_*", "eval_rejected_score_*"),
     preflight=preflight,
 )

@@ -23,12 +23,12 @@ from typing import Literal
 
 from stages.core.config import field
 from stages.core.data import DatasetSpec, load_mixture, tokenize_records
-from stages.core.data.sample import sample_records
+from stages.core.data.sample import sample_stage_data
 from stages.core.errors import ConfigError, DataError
 from stages.core.evaluation import sample_generations
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig, attach_adapter, detach_adapter
-from stages.core.stage import Metric, Stage
+from stages.core.stage import FIT_METRICS, Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
                                   perplexity, quiet_trainer, seed_everything, trainable_parameters,
                                   trainer_args)
@@ -156,10 +156,7 @@ def run(config: SFTConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
 def preflight(config: SFTConfig, skip=lambda path: False) -> None:
     """The first rows of every dataset, read as run() reads them (``lorelay run`` checks before loading)."""
-    if not config.data.datasets:
-        raise ConfigError("no datasets given: list at least one", field="data.datasets")
-    sample_records([*config.data.datasets, *config.data.eval_datasets], "sft",
-                   skip_invalid=config.data.skip_invalid, skip=skip)
+    sample_stage_data(config.data, "sft", skip=skip)
 
 
 STAGE = Stage(
@@ -167,7 +164,6 @@ STAGE = Stage(
     description="Supervised fine-tuning with chat templates.",
     produces_policy=True,
     headline=(Metric("eval_loss", "eval loss"),),
-    metrics=("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
-             "total_parameters", "eval_loss", "eval_perplexity"),
+    metrics=(*FIT_METRICS, "eval_loss", "eval_perplexity"),
     preflight=preflight,
 )

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+# What every stage that trains through ``stages.core.training.fit`` reports (fit, plus the recipe's parameter count).
+FIT_METRICS = ("train_loss", "train_runtime_s", "steps", "skipped_nonfinite_steps", "trainable_parameters",
+               "total_parameters")
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """A headline metric: a key of the stage's ``metrics.json``, titled and formatted for tables."""

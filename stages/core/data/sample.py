@@ -21,6 +21,15 @@ def _never(path: str) -> bool:
     return False
 
 
+def sample_stage_data(data, kind: str, *, skip: Callable[[str], bool] = _never) -> None:
+    """A stage's ``data.datasets`` (at least one) and ``data.eval_datasets``, sampled as ``sample_records`` does."""
+    from stages.core.errors import ConfigError
+
+    if not data.datasets:
+        raise ConfigError("no datasets given: list at least one", field="data.datasets")
+    sample_records([*data.datasets, *data.eval_datasets], kind, skip_invalid=data.skip_invalid, skip=skip)
+
+
 def sample_records(specs: Sequence[DatasetSpec], kind: str, *, skip_invalid: bool = False,
                    skip: Callable[[str], bool] = _never) -> None:
     """Read and check the first rows of each dataset as ``load_records`` would for ``kind``."""
