@@ -42,7 +42,7 @@ from stages.core import compat
 from stages.core.compat import packed_dpo_trainer
 from stages.core.data import Mixture, data_hash, load_mixture
 from stages.core.data.sample import SAMPLE_ROWS, sample_stage_data
-from stages.core.errors import ConfigError, DataError
+from stages.core.errors import DataError
 from stages.core.evaluation import greedy_replies, judge_replies, read_prompts, reward_verdicts
 from stages.core.judges import tally
 from stages.core.lifecycle import borrows_base

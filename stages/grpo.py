@@ -8,7 +8,7 @@ This recipe supports:
 - rewards from ``stages.core.rewards`` (built-in checks, ``module:function``, ``path/file.py:function``), each
   with a weight, mixed freely with a trained reward model (``reward_model``: an ``rm`` stage directory). The
   reward model scores on the *same* base as a second, frozen adapter beside the policy's
-  (``stages.grpo_reward_model``): one base in memory;
+  (``stages.core.reward_adapter``): one base in memory;
 - continuing an incoming adapter (e.g. SFT); with ``beta > 0`` the KL reference is a frozen copy of it (TRL's
   ``ref`` adapter on the same base); ``beta: 0`` (the default) trains without a reference;
 - TRL's loss variants (``loss_type``: dapo, grpo, dr_grpo) and GSPO (``importance_sampling_level: sequence``);
@@ -48,7 +48,7 @@ from stages.core.stage import Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
                                   quiet_trainer, seed_everything, trainable_parameters, trainer_args,
                                   world_size)
-from stages.grpo_reward_model import RewardModelReward
+from stages.core.reward_adapter import RewardModelReward
 
 # TRL's logged metric -> our name in train_history (rewards/<name>/mean are added per reward).
 HISTORY = {"loss": "loss", "reward": "reward", "reward_std": "reward_std",

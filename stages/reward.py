@@ -5,7 +5,7 @@ This recipe supports:
   as strings or message lists) and implicit prompt (two whole conversations sharing a prefix), with an
   optional ``margin`` (or ``score_chosen``/``score_rejected``) that enters the loss as
   ``-log sigmoid(r_chosen - r_rejected - margin)``;
-- one set of base weights: the classifier is ``stages.core.modeling.sequence_classifier`` (a score head on the
+- one set of base weights: the classifier is ``stages.core.scoring.sequence_classifier`` (a score head on the
   very backbone modules of the causal LM), wrapped in a LoRA adapter whose ``modules_to_save`` holds the
   head, so adapter and head are trained and saved together (``stages.core.scoring``);
 - starting from an incoming adapter (usually SFT): its LoRA weights are mapped onto the classifier and the
@@ -41,10 +41,10 @@ from stages.core.data import DatasetSpec, load_mixture
 from stages.core.data.sample import sample_stage_data
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.lifecycle import borrows_base
-from stages.core.modeling import Base, LoraSettings, ModelConfig, sequence_classifier
+from stages.core.modeling import Base, LoraSettings, ModelConfig
 from stages.core.preference.losses import reward_pair_loss
 from stages.core.scoring import (attach_reward_adapter, check_bare, conversation_ids, detach_reward_adapter,
-                                 score_ids)
+                                 score_ids, sequence_classifier)
 from stages.core.stage import FIT_METRICS, Metric, Stage
 from stages.core.training import (StageOutput, TrainingConfig, callbacks, check_trl_args, fit, is_main_process,
                                   quiet_trainer, trainable_parameters, trainer_args)

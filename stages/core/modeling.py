@@ -8,7 +8,6 @@ the same backbone modules (``sequence_classifier``): no stage ever holds a secon
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -151,7 +150,6 @@ def load_tokenizer(path: str, config: ModelConfig):
 
 def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
     """Load the base model once, quantized as configured, ready for adapters."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = device or local_device()
@@ -380,37 +378,6 @@ def detach_adapter(peft_model):
     if own_forward is not None:
         base.forward = own_forward
     return base
-
-
-def sequence_classifier(model, tokenizer, *, num_labels: int = 1):
-    """A sequence-classification model whose backbone *is* ``model``'s backbone (shared modules).
-
-    The classification wrapper is built on the meta device, so only the new score head allocates
-    memory; the decoder layers are the very modules of the causal LM already in memory.
-    """
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    config = copy.deepcopy(model.config)
-    config.num_labels = num_labels
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.device("meta"):
-        classifier = AutoModelForSequenceClassification.from_config(config)
-    prefix = classifier.base_model_prefix
-    setattr(classifier, prefix, getattr(model, model.base_model_prefix))
-    backbone_param = next(model.parameters())
-    # The compute dtype the base was loaded in: the hidden states reach the head in it. (Not the first
-    # parameter's dtype: with a quantized base that can be a storage dtype, or a layer kept in another one.)
-    head_dtype = getattr(model.config, "dtype", None)
-    if not isinstance(head_dtype, torch.dtype) or not head_dtype.is_floating_point:
-        head_dtype = backbone_param.dtype if backbone_param.dtype.is_floating_point else torch.float32
-    classifier.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False,
-                                       device=backbone_param.device, dtype=head_dtype)
-    torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))
-    for attr in ("is_quantized", "hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(model, attr):
-            setattr(classifier, attr, getattr(model, attr))
-    return classifier
 
 
 def parameter_storage(model) -> set[int]:

@@ -3,7 +3,7 @@
 Used by the reward recipe (training and its evaluation), by generate (judging samples), by the
 evaluation block (win rates, for DPO runs and pipeline reports) and by GRPO.
 
-The classifier is ``stages.core.modeling.sequence_classifier``: a score head on the very backbone modules
+The classifier is ``sequence_classifier`` below: a score head on the very backbone modules
 of the causal LM, so scoring needs no second copy of the base. A reward adapter is LoRA plus the head in
 ``modules_to_save``; ``attach_reward_adapter`` puts it on, ``detach_reward_adapter`` takes it off again.
 
@@ -14,16 +14,49 @@ classifiers pool). Padding is on the right, so a padded row pools at the same po
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from stages.core.errors import LorelayError
 from stages.core.lifecycle import borrow
-from stages.core.modeling import (Base, LoraSettings, attach_adapter, detach_adapter, sequence_classifier,
+from stages.core.modeling import (Base, LoraSettings, attach_adapter, detach_adapter,
                                   settings_from_adapter)
 
 SCORE_HEAD = "score"  # the head's attribute on transformers' *ForSequenceClassification models
+
+
+
+def sequence_classifier(model, tokenizer, *, num_labels: int = 1):
+    """A sequence-classification model whose backbone *is* ``model``'s backbone (shared modules).
+
+    The classification wrapper is built on the meta device, so only the new score head allocates
+    memory; the decoder layers are the very modules of the causal LM already in memory.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.num_labels = num_labels
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    prefix = classifier.base_model_prefix
+    setattr(classifier, prefix, getattr(model, model.base_model_prefix))
+    backbone_param = next(model.parameters())
+    # The compute dtype the base was loaded in: the hidden states reach the head in it. (Not the first
+    # parameter's dtype: with a quantized base that can be a storage dtype, or a layer kept in another one.)
+    head_dtype = getattr(model.config, "dtype", None)
+    if not isinstance(head_dtype, torch.dtype) or not head_dtype.is_floating_point:
+        head_dtype = backbone_param.dtype if backbone_param.dtype.is_floating_point else torch.float32
+    classifier.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False,
+                                       device=backbone_param.device, dtype=head_dtype)
+    torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))
+    for attr in ("is_quantized", "hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            setattr(classifier, attr, getattr(model, attr))
+    return classifier
 
 
 def score(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 8) -> list[float]:

@@ -9,12 +9,13 @@ import textwrap
 import pytest
 import torch
 
-from stages import grpo, grpo_reward_model
+from stages import grpo
+from stages.core import reward_adapter
 from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, load_base,
-                                  parameter_storage, sequence_classifier)
-from stages.core.scoring import attach_reward_adapter, reward_model, score
+                                  parameter_storage)
+from stages.core.scoring import attach_reward_adapter, reward_model, score, sequence_classifier
 from tests.conftest import save_perturbed, write_jsonl
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
@@ -99,11 +100,11 @@ def grpo_run(base, incoming, rm_dir, direction_reward, tmp_path_factory):
     embedding_shape = base.model.get_input_embeddings().weight.shape
     embedding_copies = copies_of(embedding_shape)
     seen: dict = {"calls": []}
-    real_call = grpo_reward_model.RewardModelReward.__call__
+    real_call = reward_adapter.RewardModelReward.__call__
 
     def spy(self, prompts, completions, **columns):
         scores = real_call(self, prompts, completions, **columns)
-        seen["calls"].append((list(prompts), [grpo_reward_model.text_of(c) for c in completions], scores))
+        seen["calls"].append((list(prompts), [reward_adapter.text_of(c) for c in completions], scores))
         backbone = [(n, t) for n, t in [*self.classifier.named_parameters(), *self.classifier.named_buffers()]
                     if "lora_" not in n and not n.startswith("score")]
         seen["foreign"] = [n for n, t in backbone if t.untyped_storage().data_ptr() not in base_storage]
@@ -115,7 +116,7 @@ def grpo_run(base, incoming, rm_dir, direction_reward, tmp_path_factory):
         return scores
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(grpo_reward_model.RewardModelReward, "__call__", spy)
+        patch.setattr(reward_adapter.RewardModelReward, "__call__", spy)
         output = grpo.run(config, base, adapter=incoming)
     metrics = json.loads((output / "metrics.json").read_text())
     return {"output": output, "metrics": metrics, "seen": seen, "incoming": load_file(incoming / "adapter_model.safetensors"),

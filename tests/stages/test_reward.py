@@ -14,9 +14,9 @@ from stages.core.config import describe, load_config
 from stages.core.data import DatasetSpec, load_mixture
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
-                             parameter_storage, sequence_classifier)
+                             parameter_storage)
 from stages.core.scoring import (attach_reward_adapter, conversation_ids, detach_reward_adapter, reward_model, score,
-                                 score_ids)
+                                 score_ids, sequence_classifier)
 from stages.reward import RewardConfig
 from stages.core.training import verify_output
 from tests.conftest import write_jsonl

@@ -9,7 +9,8 @@ import torch
 
 from stages.core.errors import LorelayError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
-                             parameter_storage, resolve_settings, sequence_classifier)
+                             parameter_storage, resolve_settings)
+from stages.core.scoring import sequence_classifier
 
 TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 

@@ -2,7 +2,7 @@
 
 The policy is a PEFT model over the shared base. The reward model's LoRA weights go beside the policy's as a
 second named adapter (``reward``), frozen; its score head is a small linear layer on a sequence classifier
-whose backbone *is* the policy's backbone (``stages.core.modeling.sequence_classifier``). Scoring switches
+whose backbone *is* the policy's backbone (``stages.core.scoring.sequence_classifier``). Scoring switches
 the active adapter to ``reward``, scores prompt + completion at the last token (as the RM was trained), and
 switches back, so the policy's adapter is active again for the loss. No second copy of the base exists; the
 reward adapter's weights (rank r per adapted layer) and the head are the only extra memory.
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.core.errors import LorelayError
-from stages.core.modeling import lora_config, sequence_classifier, settings_from_adapter
+from stages.core.modeling import lora_config, settings_from_adapter
 from stages.core.rewards import text_of
-from stages.core.scoring import SCORE_HEAD, score
+from stages.core.scoring import SCORE_HEAD, score, sequence_classifier
 
 ADAPTER = "reward"  # the reward model's adapter name beside the policy's "default" (and TRL's "ref")
 
