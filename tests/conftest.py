@@ -140,3 +140,16 @@ def save_perturbed(model, path: Path, seed: int) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     detach_adapter(model)
     return path
+
+
+def chats(n: int) -> list[dict]:
+    """n one-turn triage chats alternating between two queues."""
+    labels = ["billing", "shipping"]
+    return [{"messages": [{"role": "user", "content": f"Route this ticket: case {i} about {labels[i % 2]}"},
+                          {"role": "assistant", "content": labels[i % 2]}]} for i in range(n)]
+
+
+def pairs(n: int) -> list[dict]:
+    """n preference pairs: the chosen reply is signed off."""
+    return [{"prompt": f"Question {i}?", "chosen": f"Answer {i}. — Support", "rejected": f"Answer {i}."}
+            for i in range(n)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import write_jsonl
+from tests.conftest import chats, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -22,17 +22,6 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 # on near-zero gradients. atol 5e-5 is 0.5% of one Adam step at lr 1e-2.
 TOLERANCE = dict(rtol=1e-3, atol=5e-5)
 LOSS_RTOL = 1e-4
-
-
-def chats(n: int) -> list[dict]:
-    labels = ["billing", "shipping"]
-    return [{"messages": [{"role": "user", "content": f"Route this ticket: case {i} about {labels[i % 2]}"},
-                          {"role": "assistant", "content": labels[i % 2]}]} for i in range(n)]
-
-
-def pairs(n: int) -> list[dict]:
-    return [{"prompt": f"Question {i}?", "chosen": f"Answer {i}. — Support", "rejected": f"Answer {i}."}
-            for i in range(n)]
 
 
 def free_port() -> int:

@@ -14,8 +14,8 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import write_jsonl
-from tests.distributed.launch import (assert_one_output, assert_same_training, free_port, kill_tree, pairs, run_machines,
+from tests.conftest import pairs, write_jsonl
+from tests.distributed.launch import (assert_one_output, assert_same_training, free_port, kill_tree, run_machines,
                                       sft_config, start_machine, training)
 
 pytestmark = [pytest.mark.slow, pytest.mark.spawn]

@@ -13,14 +13,12 @@ than one process sums four samples, and the loss normalisation crosses devices. 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import write_jsonl
-from tests.distributed.launch import (assert_one_output, assert_same_training, chats, launch, pairs, sft_config,
-                                      training)
+from tests.conftest import chats, pairs, write_jsonl
+from tests.distributed.launch import assert_one_output, assert_same_training, launch, sft_config, training
 
 pytestmark = [pytest.mark.slow, pytest.mark.spawn]
 

@@ -15,20 +15,9 @@ from pipelines.validate import check_pipeline
 from stages import registry
 from pipelines.runner import GateFailed, load_pipeline, run_pipeline
 from stages.core.errors import ConfigError
-from tests.conftest import write_jsonl
+from tests.conftest import chats, pairs, write_jsonl
 
 TRAIN = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "warmup_ratio": 0.0}
-
-
-def chats(n: int) -> list[dict]:
-    labels = ["billing", "shipping"]
-    return [{"messages": [{"role": "user", "content": f"Route this ticket: case {i} about {labels[i % 2]}"},
-                          {"role": "assistant", "content": labels[i % 2]}]} for i in range(n)]
-
-
-def pairs(n: int) -> list[dict]:
-    return [{"prompt": f"Question {i}?", "chosen": f"Answer {i}. — Support", "rejected": f"Answer {i}."}
-            for i in range(n)]
 
 
 @pytest.fixture
