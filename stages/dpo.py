@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from stages.core import compat
-from stages.core.compat import packed_dpo_trainer
 from stages.core.data import Mixture, data_hash, load_mixture
 from stages.core.data.sample import SAMPLE_ROWS, sample_stage_data
 from stages.core.errors import DataError
@@ -48,7 +47,7 @@ from stages.core.judges import tally
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, attach_adapter, detach_adapter
 from stages.core.preference.config import TRL_CONFIGS, DPOConfig, precompute_reference
-from stages.core.preference.dpo_step import report_batching
+from stages.core.preference.batching import report_batching
 from stages.core.preference.trainer_metrics import (HEADLINE, eval_metrics, final_train_metrics, length_report,
                                                     train_history)
 from stages.core.stage import FIT_METRICS, Metric, Stage
@@ -85,6 +84,10 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+# Methods that train on lorelay's packed rows where they apply (stages.core.preference.batching).
+PACKED_METHODS = ("dpo", "orpo")
+
+
 @borrows_base
 def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a preference adapter on ``base`` from ``adapter`` (or a fresh one); return the output directory."""
@@ -116,8 +119,8 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
         # ---- train --------------------------------------------------------------------------------
         trainer_class, args_class = method.classes()
-        if config.method == "dpo" and data.padding_free is not False:
-            trainer_class = packed_dpo_trainer()
+        if config.method in PACKED_METHODS and data.padding_free is not False:
+            trainer_class = compat.packed_preference_trainer(config.method)
         args = trainer_args(args_class, training, base, output.work_dir, has_eval=eval_dataset is not None,
                             **method.stage_args(config))
         trainer = quiet_trainer(trainer_class(

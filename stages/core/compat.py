@@ -55,46 +55,119 @@ def tensor_parallel_size(trainer) -> int:
     return trainer._tp_size
 
 
+class _PackedInit:
+    """``__init__`` of a TRL trainer on packed rows: ``self.batching`` is chosen (``step.choose_batching``)
+    before TRL's ``__init__`` runs; the packed collator goes in with it (TRL's reference precompute, run in
+    ``__init__``, collates with it) or, for trainers whose ``__init__`` sets up what the collator reads
+    (``collator_after_init``), replaces TRL's after it."""
+
+    step: Any = None                 # the method's module in stages.core.preference
+    collator_after_init = False
+
+    def __init__(self, model, *positional, args=None, data_collator=None, **keywords):
+        self.batching = self.step.choose_batching(model, args, attention_implementation(model))
+        swap = self.batching.packed and data_collator is None
+        if swap and not self.collator_after_init:
+            data_collator = self.step.collator(self.batching, args, model)
+        super().__init__(model, *positional, args=args, data_collator=data_collator, **keywords)
+        if swap and self.collator_after_init:
+            self.data_collator = self.step.collator(self.batching, args, model)
+
+
+class _PackedLoss:
+    """``compute_loss`` on packed rows (``step.loss_and_metrics``), logged into TRL's own metric buffers;
+    TRL's ``compute_loss`` where the run is padded."""
+
+    step: Any = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.batching.packed:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        loss, metrics, row_tokens, outputs = self.step.loss_and_metrics(self, model, inputs)
+        if return_outputs and outputs is None:  # only with compute_metrics, which the stages never pass
+            raise NotImplementedError("packed preference batches have no per-position logits to return to "
+                                      "compute_metrics (deprecated in TRL); set data.padding_free: false")
+        log_trainer_metrics(self, mode, metrics)
+        if mode == "train":
+            count_train_tokens(self, row_tokens // tensor_parallel_size(self))
+        return (loss, outputs) if return_outputs else loss
+
+
+class _PackedReference:
+    """``compute_ref_log_probs``: TRL's ``precompute_ref_log_probs`` pass collates with the packed collator,
+    so it reads the reference log-probs from packed rows too. ``model`` is the reference model, or the policy
+    whose adapter is switched off; the step finds which from the trainer, as ``compute_loss`` does."""
+
+    def compute_ref_log_probs(self, model, inputs):
+        if not self.batching.packed:
+            return super().compute_ref_log_probs(model, inputs)
+        return self.step.reference_logps(self.model, self.ref_model, inputs)
+
+
 @functools.cache
 def packed_dpo_trainer():
-    """TRL's ``DPOTrainer`` on lorelay's packed preference rows (``stages.core.preference``).
+    """TRL's ``DPOTrainer`` on lorelay's packed preference rows (``stages.core.preference.dpo_step``).
 
-    Overrides ``__init__`` (packed collator), ``compute_loss`` and ``compute_ref_log_probs`` (TRL's
-    ``precompute_ref_log_probs`` pass runs through the packed collator too). Where the packed path does not
-    apply (``dpo_step.choose_batching``), every method is TRL's; ``trainer.batching`` says which ran and why.
+    Overrides ``__init__`` (packed collator), ``compute_loss`` and ``compute_ref_log_probs``. Where the packed
+    path does not apply (``dpo_step.choose_batching``), every method is TRL's; ``trainer.batching`` says which
+    ran and why.
     """
     from trl import DPOTrainer
 
     from stages.core.preference import dpo_step
 
-    class PackedDPOTrainer(DPOTrainer):
-        def __init__(self, model, *positional, args=None, data_collator=None, **keywords):
-            self.batching = dpo_step.choose_batching(model, args, attention_implementation(model))
-            if self.batching.packed and data_collator is None:
-                data_collator = dpo_step.collator(self.batching, args)
-            super().__init__(model, *positional, args=args, data_collator=data_collator, **keywords)
+    return type("PackedDPOTrainer", (_PackedInit, _PackedLoss, _PackedReference, DPOTrainer), {"step": dpo_step})
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.batching.packed:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            if return_outputs:  # only with a compute_metrics function, which the stage never passes
-                raise NotImplementedError("packed DPO batches have no per-position logits to return to "
-                                          "compute_metrics (deprecated in TRL); set data.padding_free: false")
-            mode = "train" if self.model.training else "eval"
-            loss, metrics, row_tokens = dpo_step.loss_and_metrics(self, model, inputs)
-            log_trainer_metrics(self, mode, metrics)
-            if mode == "train":
-                count_train_tokens(self, row_tokens // tensor_parallel_size(self))
-            return loss
 
-        def compute_ref_log_probs(self, model, inputs):
-            # TRL's precompute pass: ``model`` is the reference model, or the policy whose adapter is switched off
-            if not self.batching.packed:
-                return super().compute_ref_log_probs(model, inputs)
-            return dpo_step.reference_logps(self.model, self.ref_model, inputs)
+@functools.cache
+def packed_kto_trainer():
+    """TRL's ``KTOTrainer`` on packed rows (``stages.core.preference.kto_step``): the same three overrides."""
+    from trl import KTOTrainer
 
-    return PackedDPOTrainer
+    from stages.core.preference import kto_step
+
+    return type("PackedKTOTrainer", (_PackedInit, _PackedLoss, _PackedReference, KTOTrainer), {"step": kto_step})
+
+
+@functools.cache
+def packed_reward_trainer():
+    """TRL's ``RewardTrainer`` on packed pairs (``stages.core.preference.reward_step``): ``compute_loss``, and
+    the collator set after TRL's ``__init__`` has fixed the pad token the scores are pooled by."""
+    from trl import RewardTrainer
+
+    from stages.core.preference import reward_step
+
+    return type("PackedRewardTrainer", (_PackedInit, _PackedLoss, RewardTrainer),
+                {"step": reward_step, "collator_after_init": True})
+
+
+@functools.cache
+def packed_orpo_trainer():
+    """TRL's experimental ``ORPOTrainer`` on packed pairs (``stages.core.preference.orpo_step``).
+
+    ORPO has no ``compute_loss`` of the usual shape: both its ``compute_loss`` and its ``prediction_step``
+    call ``get_batch_loss_metrics(model, batch, train_eval)`` and store the metrics it returns, so that is
+    what is overridden. Its collator is swapped after ``__init__``: given one, ORPO warns at every eval step.
+    """
+    from trl.experimental.orpo import ORPOTrainer
+
+    from stages.core.preference import orpo_step
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        if not self.batching.packed:
+            return ORPOTrainer.get_batch_loss_metrics(self, model, batch, train_eval=train_eval)
+        return orpo_step.loss_and_metrics(self, model, batch, train_eval)
+
+    return type("PackedORPOTrainer", (_PackedInit, ORPOTrainer),
+                {"step": orpo_step, "collator_after_init": True, "get_batch_loss_metrics": get_batch_loss_metrics})
+
+
+def packed_preference_trainer(method: str):
+    """The packed trainer of a preference method: ``dpo``, ``orpo``, ``kto`` or ``rm``."""
+    return {"dpo": packed_dpo_trainer, "orpo": packed_orpo_trainer, "kto": packed_kto_trainer,
+            "rm": packed_reward_trainer}[method]()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +238,13 @@ CHOSEN_IDS, REJECTED_IDS = "chosen_ids", "rejected_ids"
 PROMPT_IDS = "prompt_ids"
 KTO_COMPLETION_IDS = "completion_ids"
 COMPLETION_IDS = (CHOSEN_IDS, REJECTED_IDS, KTO_COMPLETION_IDS)
+# KTOTrainer's other columns: the mismatched completion its KL term is estimated from (each example's
+# completion rotated by one within a batch), the label, and its precomputed reference log-probs.
+KTO_KL_COMPLETION_IDS, KTO_LABEL = "KL_completion_ids", "label"
+KTO_REF_LOGPS, KTO_REF_KL_LOGPS = "ref_logps", "ref_KL_logps"
+# ORPOTrainer (trl.experimental) tokenizes each side whole, prompt included, labelling the prompt part -100.
+ORPO_SIDES = (("chosen_input_ids", "chosen_labels"), ("rejected_input_ids", "rejected_labels"))
+ORPO_IGNORED_LABEL = -100
 
 
 @functools.cache

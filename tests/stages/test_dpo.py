@@ -213,6 +213,7 @@ def test_orpo_and_kto_lower_their_loss(method, extra, tmp_path, base, incoming):
     assert metrics["eval_reward_margin"] > 0  # chosen/desirable replies now score above the others
     if method == "orpo":
         assert metrics["reference"] == "none (ORPO)" and "eval_reward_accuracy" in metrics
+        assert metrics["batching"] == "packed, prompt shared"
     else:
         assert metrics["reference"].startswith("adapter copy 'ref'") and "eval_kl" in metrics
     assert "forward" not in vars(base.model)

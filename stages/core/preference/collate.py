@@ -62,11 +62,21 @@ def pair_groups(examples: list[dict], *, max_length: int | None = None, truncati
                 share_prompt: bool = True, score_prompt: bool = False) -> list[Group]:
     """Groups of tokenized pairs: chosen i is sequence i, rejected i is sequence n + i; with
     ``score_prompt`` (ORPO's NLL covers the prompt), the prompt of chosen i is sequence 2n + i."""
-    n = len(examples)
+    sides = [tuple(truncate(example[compat.PROMPT_IDS], example[key], max_length, truncation_mode)
+                   for key in (compat.CHOSEN_IDS, compat.REJECTED_IDS)) for example in examples]
+    return groups_of_sides(sides, share_prompt=share_prompt, score_prompt=score_prompt)
+
+
+Side = tuple[list[int], list[int], list[bool]]  # (prompt part, completion part, scored) of one sequence
+
+
+def groups_of_sides(pairs: list[tuple[Side, Side]], *, share_prompt: bool = True,
+                    score_prompt: bool = False) -> list[Group]:
+    """Groups of (chosen, rejected) sequences already cut into prompt and completion: one group per pair where
+    both prompts are the same (and ``share_prompt``), else one each. Numbered as ``pair_groups`` numbers them."""
+    n = len(pairs)
     groups = []
-    for i, example in enumerate(examples):
-        sides = [truncate(example[compat.PROMPT_IDS], example[key], max_length, truncation_mode)
-                 for key in (compat.CHOSEN_IDS, compat.REJECTED_IDS)]
+    for i, sides in enumerate(pairs):
         replies = [Reply(completion, scored, sequence) for (_, completion, scored), sequence in zip(sides, (i, n + i))]
         prompt_sequence = 2 * n + i if score_prompt else None
         if share_prompt and sides[0][0] == sides[1][0]:

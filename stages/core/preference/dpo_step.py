@@ -4,38 +4,16 @@
 head on every position (TRL 1.16 switched its ``padding_free`` off). Here each pair is one segment of a
 single row (``collate``), and log-probs come from the completion positions only (``logps``); the loss
 formulas are TRL's (``losses.dpo_loss``). ``choose_batching`` says, before the trainer exists, whether a
-run can use it and, if not, why; the trainer (``stages.core.compat.packed_dpo_trainer``) calls the rest.
+run can use it and, if not, why (``batching``); the trainer (``stages.core.compat.packed_dpo_trainer``) calls
+the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-
-from stages.core import compat
-from stages.core.preference.collate import MASKED_ATTENTION, PackedPairCollator
-from stages.core.preference.logps import sequence_logps, supports_packed_logps
+from stages.core.preference.batching import Batching, choose, router_reason
+from stages.core.preference.collate import PackedPairCollator
+from stages.core.preference.logps import reference_sequence_logps, sequence_logps, supports_packed_logps
 from stages.core.preference.losses import DPO_PACKED_LOSSES, PairLogps, dpo_loss
-
-# Kernels that separate packed sequences by their restarting position ids but take no block mask.
-POSITION_ID_ATTENTION = ("flash_attention_2", "flash_attention_3")
-
-
-@dataclasses.dataclass(frozen=True)
-class Batching:
-    layout: str            # "packed, prompt shared" | "packed, prompt repeated" | "padded (TRL)"
-    reason: str | None     # why the run does not get the first, in words; None when it does
-
-    @property
-    def packed(self) -> bool:
-        return self.layout != "padded (TRL)"
-
-    @property
-    def shares_prompt(self) -> bool:
-        return self.layout == "packed, prompt shared"
-
-    def describe(self) -> str:
-        return self.layout + (f": {self.reason}" if self.reason else "")
 
 
 def choose_batching(model, args, attention: str) -> Batching:
@@ -51,21 +29,13 @@ def choose_batching(model, args, attention: str) -> Batching:
         reasons.append("WPO weighting needs per-token probabilities of the whole vocabulary")
     if args.ld_alpha is not None:
         reasons.append("LD-DPO's length split is not implemented on packed rows")
-    if getattr(model.config.get_text_config(), "output_router_logits", None) is not None:
-        reasons.append("a mixture-of-experts auxiliary loss needs TRL's forward")
+    reasons += router_reason(model)
     if reason := supports_packed_logps(model):
         reasons.append(reason)
-    if reasons:
-        return Batching("padded (TRL)", "; ".join(reasons))
-    if attention in MASKED_ATTENTION:
-        return Batching("packed, prompt shared", None)
-    if attention in POSITION_ID_ATTENTION:
-        return Batching("packed, prompt repeated", f"{attention} takes no block mask, so a prompt cannot be shared "
-                                                   "between its replies")
-    return Batching("padded (TRL)", f"{attention} attention takes neither a block mask nor packed position ids")
+    return choose(reasons, attention)
 
 
-def collator(batching: Batching, args) -> PackedPairCollator:
+def collator(batching: Batching, args, model=None) -> PackedPairCollator:
     return PackedPairCollator(max_length=args.max_length, truncation_mode=args.truncation_mode,
                               share_prompt=batching.shares_prompt)
 
@@ -76,24 +46,13 @@ def model_inputs(batch: dict) -> dict:
 
 
 def reference_logps(model, ref_model, batch: dict):
-    """(chosen, rejected) reference log-probs: ``ref_model``, or the policy's ``ref`` adapter copy, or the
-    base with adapters disabled (TRL's one-base reference)."""
-    import torch
-    from trl.trainer.utils import use_adapter
-
-    inner = getattr(model, "module", model)
-    if ref_model is None and hasattr(inner, "peft_config"):
-        context = use_adapter(inner, adapter_name=compat.TRL_REFERENCE_ADAPTER if compat.has_reference_adapter(inner) else None)
-        scorer = model
-    else:
-        context, scorer = contextlib.nullcontext(), ref_model or model
-    with torch.no_grad(), context:
-        result = sequence_logps(scorer, model_inputs(batch))
-    return result.logps.chunk(2)
+    """(chosen, rejected) reference log-probs of a packed batch (``logps.reference_sequence_logps``)."""
+    return reference_sequence_logps(model, ref_model, model_inputs(batch)).chunk(2)
 
 
 def loss_and_metrics(trainer, model, batch: dict):
-    """The DPO loss of a packed batch and the metrics TRL's DPOTrainer logs, as (loss, metrics)."""
+    """The DPO loss of a packed batch, the metrics TRL's DPOTrainer logs and the row's tokens, as (loss,
+    metrics, row tokens, None): there are no outputs to return."""
     import torch
 
     policy = sequence_logps(model, model_inputs(batch))
@@ -126,24 +85,4 @@ def loss_and_metrics(trainer, model, batch: dict):
             "logps/rejected": gather(pair.rejected.detach()).mean().item(),
         }
         row_tokens = gather(torch.tensor([batch["input_ids"].shape[1]], device=tokens.device)).sum().item()
-    return loss, metrics, row_tokens
-
-
-def report_batching(method: str, padding_free: bool | None, trainer) -> str:
-    """How ``trainer`` batches pairs, in words, printed once; a ``ConfigError`` where padding was ruled out
-    (``padding_free: true``) and the packed rows do not apply."""
-    from stages.core.errors import ConfigError
-    from stages.core.training import is_main_process
-
-    batching = getattr(trainer, "batching", None)
-    if batching is None:
-        described = (f"padded (TRL): {method.upper()} runs TRL's own collator (packed rows are dpo-only)"
-                     if method != "dpo" else "padded (TRL): data.padding_free is false")
-    else:
-        described = batching.describe()
-        if padding_free and not batching.packed:
-            raise ConfigError(f"these pairs cannot be packed ({batching.reason})", field="data.padding_free",
-                              hint="set data.padding_free: null to fall back to TRL's padded batches")
-    if is_main_process():
-        print(f"lorelay: {method} batches: {described}")
-    return described
+    return loss, metrics, row_tokens, None

@@ -101,6 +101,26 @@ def sequence_logps(model, batch: dict, num_sequences: int | None = None,
                          mean_logits=mean_logits)
 
 
+def reference_sequence_logps(model, ref_model, batch: dict):
+    """Summed log-probs (S,) of each sequence under the frozen reference, without gradient: ``ref_model``, or
+    the policy's ``ref`` adapter copy, or the base with adapters disabled (TRL's one-base reference)."""
+    import contextlib
+
+    import torch
+    from trl.trainer.utils import use_adapter
+
+    from stages.core import compat
+
+    inner = getattr(model, "module", model)
+    if ref_model is None and hasattr(inner, "peft_config"):
+        adapter = compat.TRL_REFERENCE_ADAPTER if compat.has_reference_adapter(inner) else None
+        context, scorer = use_adapter(inner, adapter_name=adapter), model
+    else:
+        context, scorer = contextlib.nullcontext(), ref_model or model
+    with torch.no_grad(), context:
+        return sequence_logps(scorer, batch).logps
+
+
 def sequence_scores(model, batch: dict, head=None):
     """Reward scores (S,): the score head on each sequence's last hidden state (a sequence classifier).
 

@@ -93,7 +93,7 @@ def dpo_loss(policy: PairLogps, ref_chosen, ref_rejected, *, beta: float, loss_t
 
 
 def orpo_loss(policy: PairLogps, prompt_logps, prompt_tokens, *, beta: float):
-    """(loss, log-odds) of ORPO as ``ORPOTrainer`` computes it: the NLL per token of prompt + chosen reply
+    """(loss, log-odds, NLL) of ORPO as ``ORPOTrainer`` computes it: the NLL per token of prompt + chosen reply
     (its NLL covers the prompt too: ``prompt_logps``/``prompt_tokens`` per pair) minus beta x log sigmoid of
     the log odds of the length-averaged reply log-probs."""
     import torch
@@ -106,7 +106,7 @@ def orpo_loss(policy: PairLogps, prompt_logps, prompt_tokens, *, beta: float):
     rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     nll = -(policy.chosen.sum() + prompt_logps.sum()) / (policy.chosen_tokens.sum() + prompt_tokens.sum()).clamp(min=1)
-    return nll - (beta * F.logsigmoid(log_odds)).mean(), log_odds
+    return nll - (beta * F.logsigmoid(log_odds)).mean(), log_odds, nll
 
 
 def kto_loss(logps, ref_logps, desirable, kl_logps=None, ref_kl_logps=None, *, beta: float,

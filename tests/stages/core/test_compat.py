@@ -184,3 +184,45 @@ def test_trainables_of_a_quantized_fp32_model_go_back_to_fp32(tiny_model_dir):
     cast = keep_trainables_in_compute_dtype(model)
     assert cast and all("lora_" in name for name in cast)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_orpo_trainer_still_routes_train_and_eval_through_get_batch_loss_metrics():
+    from trl.experimental.orpo import ORPOTrainer
+
+    parameters = list(inspect.signature(ORPOTrainer.get_batch_loss_metrics).parameters)
+    assert parameters[:4] == ["self", "model", "batch", "train_eval"], \
+        outdated("trl", "ORPOTrainer.get_batch_loss_metrics(model, batch, train_eval)", "packed_orpo_trainer")
+    for method in (ORPOTrainer.compute_loss, ORPOTrainer.prediction_step):
+        assert "self.get_batch_loss_metrics(model, inputs" in inspect.getsource(method), outdated(
+            "trl", f"ORPOTrainer.{method.__name__} calling get_batch_loss_metrics", "packed_orpo_trainer")
+
+
+def test_orpo_tokenizes_each_side_whole_with_its_prompt_labelled_ignored(tokenizer):
+    """``compat.ORPO_SIDES``: TRL's ORPO row holds each side's ids, prompt included, and labels that are the
+    ids with the prompt part set to ``ORPO_IGNORED_LABEL``."""
+    import types
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer = types.SimpleNamespace(processing_class=tokenizer, is_encoder_decoder=False, max_length=512)
+    trainer.build_tokenized_answer = lambda prompt, answer: ORPOTrainer.build_tokenized_answer(trainer, prompt, answer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    row = ORPOTrainer.tokenize_row(trainer, {"prompt": prompt, "chosen": "Hello.", "rejected": "Go away."})
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for ids_key, labels_key in compat.ORPO_SIDES:
+        assert ids_key in row and labels_key in row, outdated("trl", f"ORPO's tokenized '{ids_key}'/'{labels_key}'",
+                                                              "ORPO_SIDES")
+        ids, labels = row[ids_key], row[labels_key]
+        assert ids[:len(prompt_ids)] == prompt_ids and len(labels) == len(ids)
+        assert labels[:len(prompt_ids)] == [compat.ORPO_IGNORED_LABEL] * len(prompt_ids), \
+            outdated("trl", "ORPO's prompt labels of -100", "ORPO_IGNORED_LABEL")
+        assert labels[len(prompt_ids):] == ids[len(prompt_ids):]
+
+
+def test_the_packed_trainers_are_trls_with_lorelays_overrides():
+    from trl.experimental.orpo import ORPOTrainer
+
+    for method, library in (("dpo", DPOTrainer), ("orpo", ORPOTrainer)):
+        trainer = compat.packed_preference_trainer(method)
+        assert issubclass(trainer, library) and trainer.step.__name__.endswith(f"{method}_step")

@@ -163,7 +163,7 @@ def test_orpo_loss_and_grads_equal_padded(policy, examples):
     n = len(kept)
     mine = sequence_logps(policy, packed)
     pair = losses.PairLogps.split(mine.logps[:2 * n], mine.tokens[:2 * n])
-    loss_packed, _ = losses.orpo_loss(pair, mine.logps[2 * n:], mine.tokens[2 * n:], beta=0.1)
+    loss_packed, _, _ = losses.orpo_loss(pair, mine.logps[2 * n:], mine.tokens[2 * n:], beta=0.1)
     # padded: ORPO's NLL runs over prompt + chosen; its odds over the replies alone
     sequences = [cut(e["prompt_ids"], e[key], max_length) for key in ("chosen_ids", "rejected_ids") for e in kept]
     replies, counts = padded_logps(policy, sequences)
@@ -171,7 +171,7 @@ def test_orpo_loss_and_grads_equal_padded(policy, examples):
                                                 for e in kept])
     torch.testing.assert_close(mine.logps[:2 * n], replies, atol=ATOL, rtol=SUM_RTOL)
     chosen_nll = -whole.sum() / whole_counts.sum()
-    _, odds = losses.orpo_loss(losses.PairLogps.split(replies, counts), torch.zeros(n), torch.zeros(n), beta=0.1)
+    _, odds, _ = losses.orpo_loss(losses.PairLogps.split(replies, counts), torch.zeros(n), torch.zeros(n), beta=0.1)
     loss_padded = chosen_nll - (0.1 * torch.nn.functional.logsigmoid(odds)).mean()
     torch.testing.assert_close(loss_packed, loss_padded, atol=ATOL, rtol=0)
     assert_same_grads(policy, loss_packed, loss_padded)
