@@ -1,6 +1,9 @@
 """Reward model: TRL's RewardTrainer over a LoRA adapter and a scalar score head on the shared base.
 
 This recipe supports:
+- packed pairs (``data.padding_free``, on by default): the tokens both sides of a pair begin with once, each
+  side's score read at its end (``stages.core.preference.reward_step``); TRL's padded batches where the model
+  or attention kernel rules that out, with the reason printed and kept in metrics.json (``batching``);
 - preference data in every form ``stages.core.data`` reads: explicit prompt (``prompt``/``chosen``/``rejected``
   as strings or message lists) and implicit prompt (two whole conversations sharing a prefix), with an
   optional ``margin`` (or ``score_chosen``/``score_rejected``) that enters the loss as
@@ -42,6 +45,7 @@ from stages.core.data.sample import sample_stage_data
 from stages.core.errors import ConfigError, DataError, LorelayError
 from stages.core.lifecycle import borrows_base
 from stages.core.modeling import Base, LoraSettings, ModelConfig
+from stages.core.preference.batching import report_batching
 from stages.core.preference.losses import reward_pair_loss
 from stages.core.scoring import (attach_reward_adapter, check_bare, conversation_ids, detach_reward_adapter,
                                  score_ids, sequence_classifier)
@@ -60,6 +64,10 @@ class RewardData:
     truncation_side: Literal["left", "right"] = field(
         "left", help="left keeps the end of a long conversation, where its score is read; right keeps its start.")
     use_margin: bool = field(True, help="Put each pair's margin (when the data has one) into the loss.")
+    padding_free: bool | None = field(
+        None, help="null: lorelay's packed rows (no padding; the tokens both sides of a pair begin with, once; "
+                   "stages/core/preference/reward_step.py) wherever the model and attention kernel allow it, else "
+                   "TRL's padded batches with the reason printed; true: refuse to pad; false: TRL's padded batches.")
     skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
 
     def __post_init__(self):
@@ -128,15 +136,17 @@ def run(config: RewardConfig, base: Base, adapter: str | Path | None = None) -> 
                 max_length=None, center_rewards_coefficient=config.center_rewards_coefficient,
                 disable_dropout=False,  # _dropout_off does it, and puts the shared backbone's dropout back
             )
-            trainer = quiet_trainer(RewardTrainer(
+            trainer_class = RewardTrainer if data.padding_free is False else compat.packed_reward_trainer()
+            trainer = quiet_trainer(trainer_class(
                 model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                 processing_class=base.tokenizer,
                 callbacks=callbacks(training, has_eval=eval_dataset is not None, title="rm")))
+            batching = report_batching("rm", data.padding_free, trainer)
             result = fit(trainer, output, training)
 
             # ---- evaluate -----------------------------------------------------------------------
             started = time.time()
-            metrics: dict[str, Any] = {"train_loss": result.training_loss,
+            metrics: dict[str, Any] = {"batching": batching, "train_loss": result.training_loss,
                                        "train_runtime_s": result.metrics.get("train_runtime"),
                                        "steps": trainer.state.global_step}
             if eval_dataset is not None:

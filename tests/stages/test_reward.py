@@ -111,7 +111,7 @@ def test_rm_learns_toy_preferences_and_writes_outputs(trained, base):
     assert manifest["stage"] == "rm" and manifest["base_model"]["fingerprint"] == base.fingerprint
 
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["eval_pairs"] == 16
+    assert metrics["eval_pairs"] == 16 and metrics["batching"] == "packed, prompt shared"
     assert trained["seen"]["before"] <= 0.75  # the fresh head is near chance ...
     assert metrics["eval_accuracy"] > 0.9, metrics  # ... and training makes it right
     assert metrics["eval_margin_mean"] > 0

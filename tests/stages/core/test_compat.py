@@ -220,9 +220,18 @@ def test_orpo_tokenizes_each_side_whole_with_its_prompt_labelled_ignored(tokeniz
         assert labels[len(prompt_ids):] == ids[len(prompt_ids):]
 
 
+def test_reward_trainer_sets_the_pad_token_the_packed_collator_pools_by():
+    source = inspect.getsource(RewardTrainer.__init__)
+    assert "model.config.get_text_config().pad_token_id = processing_class.pad_token_id" in source, outdated(
+        "trl", "RewardTrainer.__init__ setting the model's pad_token_id", "packed_reward_trainer")
+    assert "self._metrics = " in inspect.getsource(RewardTrainer) and "self._total_train_tokens" in source, \
+        outdated("trl", "RewardTrainer's metric buffers", "packed_reward_trainer")
+
+
 def test_the_packed_trainers_are_trls_with_lorelays_overrides():
     from trl.experimental.orpo import ORPOTrainer
 
-    for method, library in (("dpo", DPOTrainer), ("orpo", ORPOTrainer)):
+    for method, library in (("dpo", DPOTrainer), ("orpo", ORPOTrainer), ("rm", RewardTrainer)):
         trainer = compat.packed_preference_trainer(method)
-        assert issubclass(trainer, library) and trainer.step.__name__.endswith(f"{method}_step")
+        step = {"rm": "reward"}.get(method, method)
+        assert issubclass(trainer, library) and trainer.step.__name__.endswith(f"{step}_step")

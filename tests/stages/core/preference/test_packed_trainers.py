@@ -7,6 +7,8 @@ TRL's and transformers' own (forward, loss, backward), so only the batches and t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -79,3 +81,51 @@ def test_orpo_step_equals_trls_padded_orpo(tiny_model_dir, tokenizer, tmp_path):
             turns = [len(row["prompt"]) for row in pair_rows()]
             assert max(turns) > 1
     assert_same_step(runs["packed"], runs["padded"])
+
+
+def sequence_classifier(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)  # the score head is new: the same one for both trainers
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32,
+                                                               attn_implementation="sdpa")
+    return lora(model, task_type="SEQ_CLS")
+
+
+@pytest.mark.parametrize("truncation_side", ["left", "right"])
+def test_reward_step_equals_trls_padded_reward_trainer(tiny_model_dir, tokenizer, tmp_path, truncation_side):
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from stages.reward import tokenize_pairs
+
+    records = [{**row, "margin": 0.5 * i, "source": f"pairs.jsonl:{i + 1}"} for i, row in enumerate(pair_rows())]
+    columns, report = tokenize_pairs(tokenizer, records, max_length=72, truncation_side=truncation_side,
+                                     with_margin=True)
+    assert report.kept == 3 and report.truncated >= 1  # the stage's own tokenization and cut
+    rows = Dataset.from_dict(columns)
+    runs = {}
+    for name, trainer_class in (("packed", compat.packed_reward_trainer()), ("padded", RewardTrainer)):
+        args = RewardConfig(**common_args(tmp_path / name, len(rows)), max_length=None,
+                            center_rewards_coefficient=0.01)
+        trainer = trainer_class(model=sequence_classifier(tiny_model_dir), args=args, train_dataset=rows,
+                                processing_class=tokenizer)
+        runs[name] = one_step(trainer)
+        if name == "packed":
+            assert trainer.batching.describe() == "packed, prompt shared"
+            batch = trainer.data_collator([rows[i] for i in range(len(rows))])
+            sides = sum(len(ids) for key in ("chosen_ids", "rejected_ids") for ids in columns[key])
+            shared = sum(len(os.path.commonprefix(pair)) for pair in zip(columns["chosen_ids"], columns["rejected_ids"]))
+            assert shared > 0 and batch["input_ids"].shape[1] <= sides - shared  # each pair's common start once
+    assert_same_step(runs["packed"], runs["padded"])
+
+
+def test_reward_rows_read_each_score_where_the_classifier_pools():
+    """A sequence classifier pools at the last token that is not the pad token: trailing pad tokens are left
+    out of the row, and the pair's common start is there once."""
+    from stages.core.preference.reward_step import PackedRewardCollator
+
+    batch = PackedRewardCollator(pad_token_id=0)([{"chosen_ids": [5, 6, 7, 0, 0], "rejected_ids": [5, 6, 8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3]]
+    assert batch["sequence_ends"].tolist() == [2, 4]
