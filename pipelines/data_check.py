@@ -37,11 +37,13 @@ def check_command(path: str, *, data_format: str = "auto", kind: str = "auto", m
     from rich.console import Console
 
     from stages.core.default_model import resolve_model_path
-    from stages.core.modeling import ModelConfig, load_tokenizer
+    from stages.core.modeling import ModelConfig
+    from stages.core.tokenizer_loading import load_tokenizer
 
     console = console or Console()
     config = ModelConfig(name=model) if model else ModelConfig()
-    tokenizer, _ = load_tokenizer(resolve_model_path(config.name), config)
+    # alone: without torch and the model stack where the tokenizer's files allow (a local model directory)
+    tokenizer, _ = load_tokenizer(resolve_model_path(config.name), config, alone=True)
     with _progress(console) as progress:
         if corpus_kind(path, kind):
             rows, errors = check_corpus(path, tokenizer, separator=separator, progress=progress)
@@ -75,7 +77,7 @@ def check_records(path: str, tokenizer, *, data_format: str, kind: str, sample: 
                   progress) -> tuple[list[tuple[str, str]], list[str]]:
     reading = progress.add_task("reading rows", total=None)
     result = load_records(DatasetSpec(path=path, format=data_format), kind="any" if kind == "auto" else kind,
-                          skip_invalid=True, on_row=lambda: progress.advance(reading))
+                          skip_invalid=True, on_rows=lambda rows: progress.update(reading, completed=rows))
     chosen = sample_records(result.records, sample)
     tokenizing = progress.add_task("rendering the chat template", total=len(chosen))
     stats, template_errors = token_statistics(tokenizer, chosen, on_record=lambda: progress.advance(tokenizing))

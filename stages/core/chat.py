@@ -296,7 +296,9 @@ def _turn_window(tokenizer, messages: list[Message], index: int, full: str,
     prompt = _render(tokenizer, messages[:index], tools=tools, generation_prompt=True)
     if not full.startswith(prompt):
         raise _not_a_prefix(prompt, full, index, per_turn=per_turn)
-    through = _render(tokenizer, messages[:index + 1], tools=tools, generation_prompt=False)
+    # The last turn's own rendering is the whole one: rendering it again would cost a third of the mask.
+    through = full if index + 1 == len(messages) else _render(tokenizer, messages[:index + 1], tools=tools,
+                                                             generation_prompt=False)
     # Some templates close the conversation with extra text (Phi-3 appends EOS when there is no
     # generation prompt), so the turn ends where this rendering stops agreeing with the whole one.
     end = len(through) if full.startswith(through) else _common_prefix(through, full)

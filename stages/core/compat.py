@@ -295,3 +295,21 @@ def keep_trainables_in_compute_dtype(model) -> list[str]:
             parameter.data = parameter.data.to(compute)
             cast.append(name)
     return cast
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers' choice of tokenizer class
+# ----------------------------------------------------------------------------------------------
+
+# Model types for which AutoTokenizer uses the tokenizer class transformers registers for the type, whatever
+# class the repository's tokenizer_config.json declares (transformers 5.24's MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+# in models/auto/tokenization_auto.py). Copied rather than imported: importing that module imports torch, which
+# ``stages.core.tokenizer_loading`` avoids for commands that only tokenize.
+AUTO_TOKENIZER_OVERRIDDEN_TYPES = frozenset({
+    "arctic", "camembertv2-base", "chatlm", "cohere_asr", "ernie4_5", "ernie4_5_moe", "fuyu", "h2ovl_chat",
+    "hyperclovax", "hyperclovax_vision_v2", "hyperclovax_vlm", "internlm2", "internlm3", "iquestcoder",
+    "jamba", "llava", "llava_next", "minicpm3", "minicpmv", "minimax_m2", "modernbert", "modernbert-decoder",
+    "molmo", "molmo2", "nemotron", "nvfp4", "opencua", "openvla", "paddleocr_vl", "phi3", "phi3_v", "phimoe",
+    "qwen2", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "siglip2", "smolvlm", "step3_vl",
+    "vipllava",
+})

@@ -53,3 +53,9 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
 def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
     guess = closest(name, choices)
     return f"did you mean '{guess}'?" if guess else None
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of a library's error message (its name when the message is empty)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

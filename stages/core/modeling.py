@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from stages.core.config import field
 from stages.core.default_model import DEFAULT_MODEL, resolve_model_path
-from stages.core.errors import ConfigError, LorelayError, closest
+from stages.core.errors import ConfigError, LorelayError, closest, first_line
+from stages.core.tokenizer_loading import load_tokenizer
 
 Quantization = Literal["auto", "4bit", "8bit", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -128,26 +129,6 @@ def _flash_attn_installed() -> bool:
 # loading
 # ----------------------------------------------------------------------------------------------
 
-def load_tokenizer(path: str, config: ModelConfig):
-    from transformers import AutoTokenizer
-
-    from stages.core.chat import ensure_chat_template
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
-                                                  trust_remote_code=config.trust_remote_code)
-    except OSError as err:
-        local = Path(path).is_dir()
-        raise LorelayError(f"cannot load a tokenizer from {'this directory' if local else 'the Hub'}: "
-                           f"{_first_line(err)}", file=path, field="model.name",
-                           hint=None if local else "there is no local directory of that name either") from None
-    if tokenizer.pad_token is None:
-        # Padding is only used for generation batches; EOS as pad is the common safe choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    source = ensure_chat_template(tokenizer, config.chat_template)
-    return tokenizer, source
-
-
 def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
     """Load the base model once, quantized as configured, ready for adapters."""
     from transformers import AutoModelForCausalLM
@@ -170,10 +151,10 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except SafetensorError as err:
-        raise LorelayError(f"unreadable weights ({_first_line(err)})", file=path, field="model.name",
+        raise LorelayError(f"unreadable weights ({first_line(err)})", file=path, field="model.name",
                            hint="the checkpoint is damaged or incomplete: copy, download or convert it again") from None
     except OSError as err:
-        raise LorelayError(f"cannot load the model: {_first_line(err)}", file=path, field="model.name") from None
+        raise LorelayError(f"cannot load the model: {first_line(err)}", file=path, field="model.name") from None
     if quantization == "none":
         model.to(device)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -243,7 +224,7 @@ def check_safetensors_file(file: Path, *, field: str | None = None) -> None:
         with safe_open(str(file), framework="pt"):
             pass
     except (SafetensorError, OSError) as err:
-        raise LorelayError(f"unreadable weights ({_first_line(err)})", file=file, field=field,
+        raise LorelayError(f"unreadable weights ({first_line(err)})", file=file, field=field,
                            hint="the file is damaged or incomplete: copy, download or convert it again") from None
 
 
@@ -257,11 +238,6 @@ def _is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def fingerprint(path: str, revision: str | None = None) -> str:

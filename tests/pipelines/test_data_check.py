@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from pipelines.data_check import check_command, corpus_kind
-from stages.core import modeling
+from stages.core import tokenizer_loading
 from stages.core.errors import DataError
 from tests.conftest import write_jsonl
 
@@ -20,7 +20,7 @@ DOCS = {"a.txt": "The pool robot cleans the floor.\n", "notes/b.md": "# Refunds\
 @pytest.fixture(autouse=True)
 def session_tokenizer(monkeypatch, tokenizer):
     # the tokenizer is loaded once per session; loading it again per check only costs time
-    monkeypatch.setattr(modeling, "load_tokenizer", lambda path, config: (tokenizer, None))
+    monkeypatch.setattr(tokenizer_loading, "load_tokenizer", lambda path, config, alone: (tokenizer, None))
 
 
 def run_check(path, smollm2_dir, *, terminal: bool = False, **options) -> tuple[int, str]:

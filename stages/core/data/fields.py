@@ -103,38 +103,44 @@ def parse_messages(row: Row, value: Any, column: str, *, as_role: str | None = N
         row.fail("wrong type", f"expected {wanted}, got {kind_of(value)}", column, hint)
     if not value:
         row.fail("empty conversation", "has no messages", column)
-    return [_message(row, item, f"{column}[{index}]", index) for index, item in enumerate(value)]
+    return [_message(row, item, column, index) for index, item in enumerate(value)]
 
 
-def _message(row: Row, item: Any, where: str, turn: int) -> dict:
+def _message(row: Row, item: Any, column: str, turn: int) -> dict:
+    # Field names ("messages[2].content") are built only for an error: this runs for every message of
+    # every row, and a valid message passes every check on its first comparison.
     if not isinstance(item, dict):
         row.fail("wrong type", "expected a message object with 'role' and 'content', "
-                               f"got {kind_of(item)}", where)
-    role = _role(row, item.get("role"), f"{where}.role")
-    calls = _tool_calls(row, item.get("tool_calls"), f"{where}.tool_calls")
-    if "content" not in item and not calls:
-        row.fail("missing field", "the message has no 'content'", f"{where}.content")
-    message = {"role": role, "content": parse_content(row, item.get("content"), f"{where}.content", role,
-                                                      has_calls=bool(calls), turn=turn)}
-    for key in PASSTHROUGH_KEYS:
-        if item.get(key) is not None:
-            message[key] = item[key]
+                               f"got {kind_of(item)}", f"{column}[{turn}]")
+    role = item.get("role")
+    if role not in ROLES:
+        _refuse_role(row, role, f"{column}[{turn}].role")
+    calls = item.get("tool_calls")
+    if calls is not None:
+        _check_tool_calls(row, calls, f"{column}[{turn}].tool_calls")
+    content = item.get("content")
+    if not (isinstance(content, str) and content and not content.isspace()):  # else as parse_content says
+        if "content" not in item and not calls:
+            row.fail("missing field", "the message has no 'content'", f"{column}[{turn}].content")
+        content = parse_content(row, content, f"{column}[{turn}].content", role, has_calls=bool(calls), turn=turn)
+    message = {"role": role, "content": content}
+    if len(item) > 2 or calls is not None:  # else only role and content: nothing to pass through
+        for key in PASSTHROUGH_KEYS:
+            if item.get(key) is not None:
+                message[key] = item[key]
     return message
 
 
-def _role(row: Row, role: Any, where: str) -> str:
+def _refuse_role(row: Row, role: Any, where: str) -> NoReturn:
     if role is None:
         row.fail("missing field", "the message has no role", where)
     if not isinstance(role, str):
         row.fail("wrong type", f"expected a role name, got {kind_of(role)}", where)
-    if role not in ROLES:
-        hint = did_you_mean(role, ROLES)
-        if hint is None and role in SHAREGPT_ROLES:
-            hint = (f"'{role}' is a ShareGPT speaker name: use '{SHAREGPT_ROLES[role]}', "
-                    "or format: sharegpt")
-        row.fail("unknown role", f"unknown role '{role}'; expected one of {', '.join(ROLES)}",
-                 where, hint)
-    return role
+    hint = did_you_mean(role, ROLES)
+    if hint is None and role in SHAREGPT_ROLES:
+        hint = (f"'{role}' is a ShareGPT speaker name: use '{SHAREGPT_ROLES[role]}', "
+                "or format: sharegpt")
+    row.fail("unknown role", f"unknown role '{role}'; expected one of {', '.join(ROLES)}", where, hint)
 
 
 def parse_content(row: Row, content: Any, where: str, role: str, *, has_calls: bool,
@@ -156,12 +162,9 @@ def parse_content(row: Row, content: Any, where: str, role: str, *, has_calls: b
     return content
 
 
-def _tool_calls(row: Row, calls: Any, where: str) -> list | None:
-    if calls is None:
-        return None
+def _check_tool_calls(row: Row, calls: Any, where: str) -> None:
     if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
         row.fail("wrong type", f"expected a list of tool-call objects, got {kind_of(calls)}", where)
-    return calls
 
 
 def parse_tools(row: Row) -> list | None:

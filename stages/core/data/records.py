@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from stages.core.errors import ConfigError, DataError
 # ----------------------------------------------------------------------------------------------
 # Loading one dataset
 # ----------------------------------------------------------------------------------------------
+
+PROGRESS_ROWS = 1000  # rows between progress reports: reporting every row added about a tenth to the reading time
 
 @dataclass
 class LoadResult:
@@ -61,11 +65,12 @@ class _Skips:
 
 
 def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = False,
-                 on_row: Callable[[], None] | None = None, limit: int | None = None) -> LoadResult:
+                 on_rows: Callable[[int], None] | None = None, limit: int | None = None) -> LoadResult:
     """Read, detect, convert and check every row of ``spec`` (or only its first ``limit`` rows).
 
     ``kind`` ("sft", "text", "preference", "kto", or "any" for a check without training) says which
-    formats the caller can train on. ``on_row`` is called after each row (progress display).
+    formats the caller can train on. ``on_rows`` (a progress display) is told how many rows have been read
+    every ``PROGRESS_ROWS`` rows and at the end.
     Raises DataError (file-wide fault, or a bad row unless ``skip_invalid``) or ConfigError.
     """
     allowed = formats_for(kind)
@@ -77,31 +82,51 @@ def load_records(spec: DatasetSpec, *, kind: str = "sft", skip_invalid: bool = F
     seen: set[bytes] = set()
     duplicates = rows = 0
     fmt = None
-    for where, value in read_rows(spec):
-        if limit is not None and rows >= limit:
-            break
-        rows += 1
-        if on_row is not None:
-            on_row()
-        try:
-            if isinstance(value, RowError):
-                raise value
-            row = Row(value, where, spec.columns)
-            fmt = fmt or settle_format(spec, kind, row)
-            record = CONVERTERS[fmt](row, spec)
-        except RowError as error:
-            skips.add(error)
-            continue
-        key = _record_key(record)
-        if key in seen:
-            duplicates += 1
-            if spec.drop_duplicates:
+    with _collector_paused():
+        for where, value in read_rows(spec):
+            if limit is not None and rows >= limit:
+                break
+            rows += 1
+            if on_rows is not None and not rows % PROGRESS_ROWS:
+                on_rows(rows)
+            try:
+                if isinstance(value, RowError):
+                    raise value
+                row = Row(value, where, spec.columns)
+                fmt = fmt or settle_format(spec, kind, row)
+                record = CONVERTERS[fmt](row, spec)
+            except RowError as error:
+                skips.add(error)
                 continue
-        seen.add(key)
-        records.append(record)
+            key = _record_key(record)
+            if key in seen:
+                duplicates += 1
+                if spec.drop_duplicates:
+                    continue
+            seen.add(key)
+            records.append(record)
+    if on_rows is not None:
+        on_rows(rows)
     _check_not_empty(spec, rows, records, skips)
     return LoadResult(path=spec.path, format=fmt, records=records, skipped=skips.counts,
                       skipped_examples=skips.examples, duplicates=duplicates, errors=skips.errors)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while rows are read.
+
+    Reading makes hundreds of thousands of small dicts and lists, none of them in a reference cycle,
+    and every collector pass walks all that are still alive: a fifth of the time of reading 100k chat
+    rows. Whatever cycles arise meanwhile (a skipped row's error) are collected once it is back on.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_not_empty(spec: DatasetSpec, rows: int, records: list[dict], skips: _Skips) -> None:

@@ -235,3 +235,18 @@ def test_the_packed_trainers_are_trls_with_lorelays_overrides():
         trainer = compat.packed_preference_trainer(method)
         step = {"rm": "reward"}.get(method, method)
         assert issubclass(trainer, library) and trainer.step.__name__.endswith(f"{step}_step")
+
+
+def test_the_model_types_whose_tokenizer_class_autotokenizer_overrides_are_transformers_own():
+    """tokenizer_loading skips AutoTokenizer (and torch) only for tokenizers AutoTokenizer would load as the
+    generic class; the model types it overrides whatever the files declare are copied in compat."""
+    from transformers.models.auto import tokenization_auto
+
+    library = getattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", None)
+    assert library is not None, outdated("transformers", "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS",
+                                         "AUTO_TOKENIZER_OVERRIDDEN_TYPES")
+    assert compat.AUTO_TOKENIZER_OVERRIDDEN_TYPES == frozenset(library), (
+        f"transformers {transformers.__version__} overrides the declared tokenizer class of other model types "
+        f"(added {sorted(set(library) - compat.AUTO_TOKENIZER_OVERRIDDEN_TYPES)}, removed "
+        f"{sorted(compat.AUTO_TOKENIZER_OVERRIDDEN_TYPES - set(library))}); "
+        "update compat.AUTO_TOKENIZER_OVERRIDDEN_TYPES")
