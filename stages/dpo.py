@@ -7,6 +7,10 @@ This recipe supports:
 - ``method: orpo``: TRL's ORPOTrainer (``trl.experimental.orpo``): SFT loss plus an odds-ratio term, no reference;
 - ``method: kto``: TRL's KTOTrainer on unpaired desirable/undesirable completions (``format: kto`` rows), or on
   pairs split into one of each (declare ``format: preference`` on every dataset);
+- packed batches (``data.padding_free``, on by default) for all three methods: padding-free rows with the LM
+  head on completion tokens only, each prompt once for dpo and orpo, one segment per sequence for kto
+  (``stages.core.preference``); TRL's padded batches where a loss, model or attention kernel rules them out,
+  with the reason printed and kept in metrics.json (``batching``);
 - a reference policy without a second copy of the base. Continuing an incoming adapter, TRL adds a frozen copy
   of it named ``ref`` next to the trained ``default`` adapter and switches to it for the reference forward; with no
   incoming adapter the reference is the base with adapters disabled. Both live on the one shared base;
@@ -84,10 +88,6 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-# Methods that train on lorelay's packed rows where they apply (stages.core.preference.batching).
-PACKED_METHODS = ("dpo", "orpo")
-
-
 @borrows_base
 def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Path:
     """Train a preference adapter on ``base`` from ``adapter`` (or a fresh one); return the output directory."""
@@ -119,7 +119,7 @@ def run(config: DPOConfig, base: Base, adapter: str | Path | None = None) -> Pat
 
         # ---- train --------------------------------------------------------------------------------
         trainer_class, args_class = method.classes()
-        if config.method in PACKED_METHODS and data.padding_free is not False:
+        if data.padding_free is not False:  # lorelay's packed rows where they apply, else TRL's (said why)
             trainer_class = compat.packed_preference_trainer(config.method)
         args = trainer_args(args_class, training, base, output.work_dir, has_eval=eval_dataset is not None,
                             **method.stage_args(config))

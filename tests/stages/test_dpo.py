@@ -216,6 +216,7 @@ def test_orpo_and_kto_lower_their_loss(method, extra, tmp_path, base, incoming):
         assert metrics["batching"] == "packed, prompt shared"
     else:
         assert metrics["reference"].startswith("adapter copy 'ref'") and "eval_kl" in metrics
+        assert metrics["batching"].startswith("packed, prompt repeated: a KTO example has one completion")
     assert "forward" not in vars(base.model)
 
 
@@ -279,7 +280,6 @@ def test_malformed_pairs_are_rejected_with_file_and_line(tmp_path, base):
     (["loss_type=exo_pair"], "label_smoothing > 0"),
     (["method=orpo", "precompute_ref_log_probs=true"], "ORPO has no reference"),
     (["method=kto", "loss_type=sigmoid"], "did you mean 'kto'|KTO's loss"),
-    (["method=kto", "data.padding_free=true"], "runs TRL's padded batches"),
     (["method=kto", "training.batch_size=1"], "batch_size must be at least 2"),
     (["data.datasets=[{path: x.jsonl, format: kto}]"], "use method: kto"),
     (["method=kto", "data.datasets=[{path: x.jsonl, format: preference}]", "data.eval_datasets=[{path: y.jsonl}]"],

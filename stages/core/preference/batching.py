@@ -69,8 +69,7 @@ def report_batching(method: str, padding_free: bool | None, trainer) -> str:
 
     batching = getattr(trainer, "batching", None)
     if batching is None:
-        described = f"{PADDED}: " + ("data.padding_free is false" if padding_free is False
-                                     else f"{method} has no packed rows in lorelay yet")
+        described = f"{PADDED}: data.padding_free is false"
     else:
         described = batching.describe()
         if padding_free and not batching.packed:

@@ -32,10 +32,10 @@ class PreferenceData:
         1024, help="Prompt + reply tokens kept: the reply's end is cut, pairs whose prompt alone fills it are "
                    "dropped (both counted). TRL 1.16 has no separate prompt/completion limits for DPO.")
     padding_free: bool | None = field(
-        None, help="dpo, orpo: lorelay's packed rows (no padding, each prompt once, LM head on replies only; "
-                   "stages/core/preference). null: on wherever the loss and attention kernel allow it, else "
-                   "TRL's padded batches with the reason printed; true: refuse to pad. kto: TRL's padded "
-                   "batches (the packed rows are not wired for it), so true is refused.")
+        None, help="lorelay's packed rows (no padding, LM head on completion tokens only; dpo and orpo hold each "
+                   "prompt once, kto one segment per sequence; stages/core/preference). null: on wherever the loss, "
+                   "model and attention kernel allow it, else TRL's padded batches with the reason printed; true: "
+                   "refuse to pad; false: TRL's padded batches.")
     skip_invalid: bool = field(False, help="Skip malformed rows (counted in metrics) instead of stopping.")
 
     def __post_init__(self):
@@ -115,9 +115,6 @@ class DPOConfig:
                 raise ConfigError("must be at least 1", field=name)
         if self.win_rate_tie_margin < 0:
             raise ConfigError("must be zero or positive", field="win_rate_tie_margin")
-        if self.data.padding_free and self.method == "kto":
-            raise ConfigError(f"{self.method.upper()} runs TRL's padded batches: lorelay's packed rows are wired for "
-                              "dpo and orpo only (set data.padding_free: false or null)", field="data.padding_free")
         self._check_formats()
         {"dpo": self._check_dpo, "orpo": self._check_orpo, "kto": self._check_kto}[self.method]()
 

@@ -110,14 +110,16 @@ def orpo_loss(policy: PairLogps, prompt_logps, prompt_tokens, *, beta: float):
 
 
 def kto_loss(logps, ref_logps, desirable, kl_logps=None, ref_kl_logps=None, *, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto"):
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto", kl=None):
     """Mean KTO loss over a micro-batch of unpaired completions (``desirable`` a bool (B,) tensor); the KL
-    estimate from mismatched completions is clamped at 0 and carries no gradient, as in ``KTOTrainer``."""
+    estimate from mismatched completions is clamped at 0 and carries no gradient, as in ``KTOTrainer``.
+    ``kl``: that estimate already made (TRL averages it over processes), instead of from ``kl_logps``."""
     import torch
 
     ratio = logps - ref_logps
     if loss_type == "kto":
-        kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+        if kl is None:
+            kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
         chosen = 1 - torch.sigmoid(beta * (ratio[desirable] - kl))
         rejected = 1 - torch.sigmoid(beta * (kl - ratio[~desirable]))
     elif loss_type == "apo_zero_unpaired":

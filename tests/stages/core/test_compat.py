@@ -228,10 +228,23 @@ def test_reward_trainer_sets_the_pad_token_the_packed_collator_pools_by():
         outdated("trl", "RewardTrainer's metric buffers", "packed_reward_trainer")
 
 
+def test_kto_trainer_still_has_what_the_packed_trainer_overrides_and_reads():
+    assert list(inspect.signature(KTOTrainer.compute_ref_log_probs).parameters) == ["self", "model", "inputs"], \
+        outdated("trl", "KTOTrainer.compute_ref_log_probs(model, inputs)", "packed_kto_trainer")
+    precompute = inspect.getsource(KTOTrainer._precompute_ref_logps)
+    assert "self.compute_ref_log_probs(model, padded_batch)" in precompute, outdated(
+        "trl", "a reference precompute that calls compute_ref_log_probs per collated batch", "packed_kto_trainer")
+    source = source_of(KTOTrainer)
+    for column in (compat.KTO_KL_COMPLETION_IDS, compat.KTO_LABEL, compat.KTO_REF_LOGPS, compat.KTO_REF_KL_LOGPS):
+        assert f'"{column}"' in source, outdated("trl", f"KTO's column '{column}'", "the KTO_* column names")
+    for attribute in ("self._metrics[mode]", "self._total_train_tokens", "self._tp_size", "self.ref_model"):
+        assert attribute in source, outdated("trl", f"KTOTrainer's {attribute}", "packed_kto_trainer")
+
+
 def test_the_packed_trainers_are_trls_with_lorelays_overrides():
     from trl.experimental.orpo import ORPOTrainer
 
-    for method, library in (("dpo", DPOTrainer), ("orpo", ORPOTrainer), ("rm", RewardTrainer)):
+    for method, library in (("dpo", DPOTrainer), ("orpo", ORPOTrainer), ("kto", KTOTrainer), ("rm", RewardTrainer)):
         trainer = compat.packed_preference_trainer(method)
         step = {"rm": "reward"}.get(method, method)
         assert issubclass(trainer, library) and trainer.step.__name__.endswith(f"{step}_step")

@@ -49,3 +49,34 @@ def test_settings_that_need_trls_forward_fall_back_with_the_reason(model, overri
 def test_unknown_kernels_fall_back(model):
     batching = choose_batching(model, args(), "flex_attention")
     assert not batching.packed and "flex_attention" in batching.reason
+
+
+def test_kto_packs_one_segment_per_sequence_and_says_why(model):
+    from stages.core.preference import kto_step
+
+    masked = kto_step.choose_batching(model, args(), "sdpa")
+    assert masked.packed and masked.block_mask and not masked.shares_prompt
+    assert masked.describe().startswith("packed, prompt repeated: a KTO example has one completion")
+    flash = kto_step.choose_batching(model, args(), "flash_attention_2")
+    assert flash.packed and not flash.block_mask
+
+
+def test_orpo_shares_prompts_and_the_reward_model_needs_a_score_head(model):
+    from stages.core.preference import orpo_step, reward_step
+
+    assert orpo_step.choose_batching(model, args(), "sdpa").shares_prompt
+    batching = reward_step.choose_batching(model, args(), "sdpa")  # a causal LM: no score head to read
+    assert not batching.packed and "no separate backbone and score head" in batching.reason
+
+
+def test_padding_free_true_refuses_a_run_that_would_pad(model):
+    import types
+
+    from stages.core.errors import ConfigError
+    from stages.core.preference.batching import report_batching
+
+    trainer = types.SimpleNamespace(batching=choose_batching(model, args(use_weighting=True), "sdpa"))
+    with pytest.raises(ConfigError, match="dpo batches cannot be packed here.*WPO") as refused:
+        report_batching("dpo", True, trainer)
+    assert refused.value.field == "data.padding_free"
+    assert report_batching("dpo", None, trainer).startswith("padded (TRL): WPO")

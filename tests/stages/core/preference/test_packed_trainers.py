@@ -129,3 +129,47 @@ def test_reward_rows_read_each_score_where_the_classifier_pools():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3]]
     assert batch["sequence_ends"].tolist() == [2, 4]
+
+
+def kto_rows() -> list[dict]:
+    """The stage's KTO rows: each pair split into a desirable and an undesirable example."""
+    return [{"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
+            for row in pair_rows() for side in ("chosen", "rejected")]
+
+
+def nudge(model, adapter: str) -> None:
+    """Move one of the adapters TRL holds (the trained ``default``, or its frozen copy ``ref``) off the other,
+    by the same amount for both trainers."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if f".{adapter}." in name and "lora_B" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+@pytest.mark.parametrize("loss_type, precompute", [("kto", False), ("kto", True), ("apo_zero_unpaired", False)])
+def test_kto_step_equals_trls_padded_kto(tiny_model_dir, tokenizer, tmp_path, loss_type, precompute):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    rows = Dataset.from_list(kto_rows())
+    max_length = 72  # the 69-token prompt keeps 3 completion tokens; its mismatched KL completions are cut too
+    runs = {}
+    for name, trainer_class in (("packed", compat.packed_kto_trainer()), ("padded", KTOTrainer)):
+        args = KTOConfig(**common_args(tmp_path / name, len(rows)), beta=0.5, max_length=max_length,
+                         loss_type=loss_type, desirable_weight=1.5, precompute_ref_log_probs=precompute)
+        trainer = trainer_class(model=causal_lm(tiny_model_dir), args=args, train_dataset=rows,
+                                processing_class=tokenizer)
+        assert compat.has_reference_adapter(trainer.model)
+        # A random reference scores text lower than the untouched policy: the KL estimate is positive. Precomputed
+        # reference log-probs are fixed already: the policy moves instead (the estimate, negative, clamps to 0).
+        nudge(trainer.model, "default" if precompute else compat.TRL_REFERENCE_ADAPTER)
+        runs[name] = one_step(trainer)
+        if name == "packed":
+            assert trainer.batching.layout == "packed, prompt repeated" and "KL completion" in trainer.batching.reason
+            assert len(trainer.train_dataset) == len(rows)  # no prompt fills max_length
+            if loss_type == "kto":
+                kl = trainer.train_dataset[compat.KTO_KL_COMPLETION_IDS]
+                assert kl[1:] == trainer.train_dataset[compat.KTO_COMPLETION_IDS][:-1]
+            assert (compat.trl_metrics(trainer, "train")["kl"][-1] > 0) == (loss_type == "kto" and not precompute)
+    assert_same_step(runs["packed"], runs["padded"])
