@@ -37,13 +37,22 @@ def causal_lm_parts(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def supports_packed_logps(model) -> str | None:
-    """None when the packed path computes exactly the model's own log-probs, else the reason it cannot."""
+def bare_model(model):
+    """(the transformers model inside a PEFT or accelerate wrapper, why a packed row cannot stand in for its
+    inputs, or None)."""
     inner = getattr(model, "module", model)
     peft_config = getattr(inner, "active_peft_config", None)
+    reason = None
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return "a prompt-learning adapter prepends virtual tokens to every sequence"
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        reason = "a prompt-learning adapter prepends virtual tokens to every sequence"
+    return (inner.get_base_model() if hasattr(inner, "get_base_model") else inner), reason
+
+
+def supports_packed_logps(model) -> str | None:
+    """None when the packed path computes exactly the model's own log-probs, else the reason it cannot."""
+    base, reason = bare_model(model)
+    if reason:
+        return reason
     config = base.config.get_text_config()
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, name, None) not in (None, 1.0):
@@ -127,8 +136,7 @@ def sequence_scores(model, batch: dict, head=None):
     ``model`` is a ``...ForSequenceClassification`` (or a PEFT model around one); ``head`` defaults to its
     ``score`` module, which PEFT wraps with ``modules_to_save`` when it is trained.
     """
-    inner = getattr(model, "module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base, _ = bare_model(model)
     decoder = base.base_model  # transformers' name for the backbone under a task head
     hidden = hidden_states(decoder, batch)
     score = head if head is not None else base.score

@@ -16,17 +16,15 @@ from typing import Any
 from stages.core import compat
 from stages.core.preference.batching import Batching, choose, router_reason
 from stages.core.preference.collate import groups_of_sides, pack
-from stages.core.preference.logps import sequence_scores
+from stages.core.preference.logps import bare_model, sequence_scores
 from stages.core.preference.losses import reward_pair_loss
 
 
 def supports_packed_scores(model) -> str | None:
     """None when ``sequence_scores`` reads exactly the classifier's own scores, else why it cannot."""
-    inner = getattr(model, "module", model)
-    peft_config = getattr(inner, "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        return "a prompt-learning adapter prepends virtual tokens to every sequence"
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base, reason = bare_model(model)
+    if reason:
+        return reason
     if not hasattr(base, "score") or getattr(base, "base_model", base) is base:
         return f"{type(base).__name__} has no separate backbone and score head"
     return None
