@@ -145,6 +145,7 @@ def _record_key(record: dict) -> bytes:
     ``repr`` is half the cost of ``json.dumps(sort_keys=True)`` and as exact: the converters build every
     record's keys in one order (a tool schema's own key order counts, as it does in the rendered text).
     """
-    content = [(key, value) for key, value in record.items() if key != "source"]
+    content = dict(record)
+    content.pop("source", None)
     return hashlib.sha1(repr(content).encode("utf-8", "surrogatepass")).digest()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stages.core.config import field
 from stages.core.errors import ConfigError, DataError, did_you_mean
@@ -155,11 +155,11 @@ class RowError(DataError):
         super().__init__(message, **where)
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """The place of a row: a 1-based line for text files, a 0-based row index for the rest.
 
-    A JSON list has both: the line where the record starts and its index in the list.
+    A JSON list has both: the line where the record starts and its index in the list. (A named tuple:
+    one is made for every row read, in a fraction of a frozen dataclass's time.)
     """
 
     file: str
