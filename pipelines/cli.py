@@ -144,7 +144,7 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def quiet_library_noise() -> None:
+def quiet_library_noise(command: str | None = None) -> None:
     """Silence messages that ask the user to act on nothing lorelay lets them change."""
     import logging
     import warnings
@@ -158,6 +158,8 @@ def quiet_library_noise() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:  # read the variable at its import: too late for a process that has it already
         sys.modules["datasets"].disable_progress_bars()
+    if command == "data":
+        return  # loads no model: importing transformers here only to silence it would cost data check a second
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    quiet_library_noise()
+    quiet_library_noise(args.command)
     from stages.core.errors import LorelayError
 
     # Under `accelerate launch` every process prints; say which one (issue 7).

@@ -4,7 +4,8 @@
   and checked, and every bad row is listed with its file:line and field. Token statistics under the
   model's chat template come from exact assistant masks on a seeded sample of the rows (``--sample``;
   0 takes every row): rendering the template once per assistant turn costs a hundred times more than
-  reading a row, and a sample of a few thousand rows gives the length distribution.
+  reading a row, and a sample of a few thousand rows gives the length distribution. A second process
+  loads the tokenizer while the rows are read, and measures the sample (``pipelines.template_stats``).
 - Plain-text corpora for CPT (``.txt``/``.md`` files and directories of them; data files with a text
   column with ``--kind cpt``): CPT's own reader and its checks, file by file: UTF-8, binary content
   (NUL bytes), empty documents, and the token count of every document.
@@ -18,13 +19,12 @@ cannot be read.
 
 from __future__ import annotations
 
-import math
 import random
-import statistics
 from pathlib import Path
 
-from stages.core.data import (TEXT_SUFFIXES, CorpusReport, CorpusSource, DatasetSpec, encode_samples, load_records,
-                              read_pieces, source_files)
+from pipelines.template_stats import LocalTemplate, TemplateWorker, length_stats
+from stages.core.data import (TEXT_SUFFIXES, CorpusReport, CorpusSource, DatasetSpec, load_records, read_pieces,
+                              source_files)
 from stages.core.errors import DataError, LorelayError
 
 KINDS = ("auto", "sft", "preference", "kto", "cpt", "text")  # text: the older name of cpt
@@ -33,7 +33,10 @@ TOKENIZE_BATCH = 512  # CPT documents tokenized per call (the fast tokenizer wor
 
 
 def check_command(path: str, *, data_format: str = "auto", kind: str = "auto", model: str | None = None,
-                  sample: int = DEFAULT_SAMPLE, separator: str | None = None, console=None) -> int:
+                  sample: int = DEFAULT_SAMPLE, separator: str | None = None, console=None,
+                  worker: bool = True) -> int:
+    """Check ``path`` and print the report. ``worker``: measure chat records under the template in a second
+    process that loads the tokenizer while this one reads (False: load it here first)."""
     from rich.console import Console
 
     from stages.core.default_model import resolve_model_path
@@ -42,14 +45,20 @@ def check_command(path: str, *, data_format: str = "auto", kind: str = "auto", m
 
     console = console or Console()
     config = ModelConfig(name=model) if model else ModelConfig()
+    model_path = resolve_model_path(config.name)
+    corpus = corpus_kind(path, kind)
     # alone: without torch and the model stack where the tokenizer's files allow (a local model directory)
-    tokenizer, _ = load_tokenizer(resolve_model_path(config.name), config, alone=True)
-    with _progress(console) as progress:
-        if corpus_kind(path, kind):
-            rows, errors = check_corpus(path, tokenizer, separator=separator, progress=progress)
-        else:
-            rows, errors = check_records(path, tokenizer, data_format=data_format, kind=kind, sample=sample,
-                                         progress=progress)
+    template = TemplateWorker(model_path, config) if worker and not corpus else \
+        LocalTemplate(load_tokenizer(model_path, config, alone=True)[0])
+    try:
+        with _progress(console) as progress:
+            if corpus:
+                rows, errors = check_corpus(path, template.tokenizer, separator=separator, progress=progress)
+            else:
+                rows, errors = check_records(path, template, data_format=data_format, kind=kind, sample=sample,
+                                             progress=progress)
+    finally:
+        template.close()
     rows.append(("tokenizer", config.name))
     _print(console, f"lorelay data check: {path}", rows, errors)
     return 1 if errors else 0
@@ -73,14 +82,26 @@ def corpus_kind(path: str, kind: str) -> bool:
 # chat, preference and KTO records
 # ----------------------------------------------------------------------------------------------
 
-def check_records(path: str, tokenizer, *, data_format: str, kind: str, sample: int,
+def check_records(path: str, template, *, data_format: str, kind: str, sample: int,
                   progress) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every row read and checked; the template's token statistics on a sample. ``template``: a
+    ``pipelines.template_stats`` LocalTemplate or TemplateWorker."""
     reading = progress.add_task("reading rows", total=None)
-    result = load_records(DatasetSpec(path=path, format=data_format), kind="any" if kind == "auto" else kind,
-                          skip_invalid=True, on_rows=lambda rows: progress.update(reading, completed=rows))
+
+    def on_rows(count: int) -> None:
+        progress.update(reading, completed=count)
+        template.check()  # a tokenizer that cannot load stops the check now, not after every row is read
+
+    try:
+        result = load_records(DatasetSpec(path=path, format=data_format), kind="any" if kind == "auto" else kind,
+                              skip_invalid=True, on_rows=on_rows)
+    except LorelayError:
+        template.check(wait=True)  # the tokenizer's error first, as when it was loaded before the rows
+        raise
     chosen = sample_records(result.records, sample)
     tokenizing = progress.add_task("rendering the chat template", total=len(chosen))
-    stats, template_errors = token_statistics(tokenizer, chosen, on_record=lambda: progress.advance(tokenizing))
+    lengths = template.lengths(chosen, on_records=lambda count: progress.advance(tokenizing, count))
+    stats = lengths.summary()
     rows = [("format", result.format or "-"), ("rows read", str(len(result.records) + len(result.errors))),
             ("usable rows", str(len(result.records))), ("bad rows", str(len(result.errors))),
             ("duplicates", str(result.duplicates))]
@@ -93,7 +114,7 @@ def check_records(path: str, tokenizer, *, data_format: str, kind: str, sample: 
         if stats["rewritten"]:
             rows.append(("history rewritten by the template",
                          f"{stats['rewritten']} conversations: trained one sample per assistant turn"))
-    return rows, result.errors + template_errors
+    return rows, result.errors + lengths.errors
 
 
 def sample_records(records: list[dict], sample: int) -> list[dict]:
@@ -101,47 +122,6 @@ def sample_records(records: list[dict], sample: int) -> list[dict]:
     if sample <= 0 or sample >= len(records):
         return records
     return [records[index] for index in sorted(random.Random(0).sample(range(len(records)), sample))]
-
-
-def record_token_lengths(tokenizer, record: dict) -> tuple[list[tuple[int, int]], bool]:
-    """(tokens, loss-bearing tokens) of each sequence a record trains on, and whether the template
-    rewrote the conversation's history (then one sequence per assistant turn)."""
-    if "messages" in record or "text" in record:
-        samples, rewritten = encode_samples(tokenizer, record)
-        return [(len(ids), sum(mask)) for ids, mask in samples], rewritten
-    replies = [record["chosen"], record["rejected"]] if "chosen" in record else [record["completion"]]
-    lengths, rewritten = [], False
-    for reply in replies:
-        samples, rewritten = encode_samples(tokenizer, {"messages": record["prompt"] + reply, "source": record["source"]})
-        lengths += [(len(ids), sum(mask)) for ids, mask in samples]
-    return lengths, rewritten
-
-
-def length_stats(lengths: list[int]) -> dict[str, float]:
-    ordered = sorted(lengths)
-    rank = lambda share: ordered[math.ceil(share * (len(ordered) - 1))]  # noqa: E731 - nearest rank, upper
-    return {"min": ordered[0], "mean": round(statistics.fmean(ordered), 1), "p50": rank(0.5), "p95": rank(0.95),
-            "max": ordered[-1]}
-
-
-def token_statistics(tokenizer, records: list[dict], *, on_record=None) -> tuple[dict, list[str]]:
-    """Length statistics over ``records``, and the rows the chat template could not render."""
-    totals, loss, errors, rewritten = [], [], [], 0
-    for record in records:
-        try:
-            lengths, was_rewritten = record_token_lengths(tokenizer, record)
-        except LorelayError as err:
-            errors.append(str(err))
-            lengths, was_rewritten = [], False
-        totals += [tokens for tokens, _ in lengths]
-        loss += [loss_tokens for _, loss_tokens in lengths]
-        rewritten += was_rewritten
-        if on_record is not None:
-            on_record()
-    if not totals:
-        return {}, errors
-    return {"tokens": length_stats(totals), "loss_tokens": length_stats(loss),
-            "loss_fraction": round(sum(loss) / max(sum(totals), 1), 3), "rewritten": rewritten}, errors
 
 
 # ----------------------------------------------------------------------------------------------

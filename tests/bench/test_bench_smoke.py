@@ -133,3 +133,15 @@ def test_gpu_bench_without_cuda_says_so():
     result = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr and "--dry-run" in result.stderr
+
+
+@pytest.mark.slow
+def test_data_check_bench_times_both_readers_on_the_same_rows(tmp_path, smollm2_dir):
+    """bench/data_check.py (issue 17's target) on 50 rows, one round: both commands run and the result has
+    every key; no timing is asserted."""
+    out = tmp_path / "data_check.json"
+    run("bench/data_check.py", "--rows", "50", "--rounds", "1", "--json", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    assert result["rows"] == 50 and set(result["medians"]) == {"datasets", "lorelay"}
+    assert all(value > 0 for times in result["medians"].values() for value in times.values())
+    assert len(result["ratio_wall_per_round"]) == 1 and result["ratio_wall"] > 0

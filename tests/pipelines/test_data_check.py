@@ -1,5 +1,6 @@
 """lorelay data check: plain-text corpora get CPT's checks file by file, --kind selects the checks when
-the format does not say, and progress shows only on a terminal."""
+the format does not say, progress shows only on a terminal, and the template worker process reports what
+the check in one process reports."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def session_tokenizer(monkeypatch, tokenizer):
     monkeypatch.setattr(tokenizer_loading, "load_tokenizer", lambda path, config, alone: (tokenizer, None))
 
 
-def run_check(path, smollm2_dir, *, terminal: bool = False, **options) -> tuple[int, str]:
+def run_check(path, smollm2_dir, *, terminal: bool = False, worker: bool = False, **options) -> tuple[int, str]:
+    """The check's status and report. ``worker=False`` (most tests): the session's tokenizer, in this process."""
     out = io.StringIO()
     console = Console(file=out, force_terminal=terminal, width=200, color_system=None)
-    status = check_command(str(path), model=str(smollm2_dir), console=console, **options)
+    status = check_command(str(path), model=str(smollm2_dir), console=console, worker=worker, **options)
     return status, out.getvalue()
 
 
@@ -95,3 +97,34 @@ def test_progress_shows_only_on_a_terminal(tmp_path, smollm2_dir, terminal):
     assert status == 1 and "chat.jsonl:8 field 'messages[0].content': turn 0: the user message is empty" in out
     assert cell(out, "chat template checked on") == "a seeded sample of 50 of 300 rows"
     assert ("reading rows" in out) == terminal and ("rendering the chat template" in out) == terminal
+
+
+def chat_rows(count: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"{i}."}]}
+            for i in range(count)]
+
+
+@pytest.mark.slow
+def test_the_template_worker_reports_what_the_check_in_one_process_reports(tmp_path, smollm2_dir):
+    rows = chat_rows(150)
+    rows[3]["messages"].append({"role": "user", "content": "and?"})  # ends without a reply: a bad row
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+
+    local = run_check(data, smollm2_dir, sample=120)
+    in_worker = run_check(data, smollm2_dir, sample=120, worker=True)
+
+    assert in_worker == local and local[0] == 1
+    assert cell(local[1], "chat template checked on") == "a seeded sample of 120 of 149 rows"
+    assert "chat.jsonl:4 field 'messages[2]': ends with a 'user' turn" in local[1]
+
+
+@pytest.mark.slow
+def test_a_tokenizer_the_worker_cannot_load_is_reported_before_the_datas_own_faults(tmp_path):
+    from stages.core.errors import LorelayError
+
+    missing_model = tmp_path / "no-such-model"
+    with pytest.raises(LorelayError) as caught:  # the data file is missing too: the tokenizer was always first
+        run_check(tmp_path / "missing.jsonl", missing_model, worker=True)
+    assert not isinstance(caught.value, DataError)
+    assert caught.value.file == str(missing_model) and caught.value.field == "model.name"
+    assert "cannot load a tokenizer" in caught.value.reason

@@ -67,15 +67,27 @@ def test_alone_goes_through_autotokenizer_unless_the_files_say_what_it_would_loa
 
 
 @pytest.mark.slow
-def test_data_check_imports_neither_torch_nor_the_training_stack(tmp_path, smollm2_dir):
+def test_data_check_never_imports_torch_or_the_training_stack(tmp_path, smollm2_dir):
+    """The check's own process never imports transformers (its template worker loads the tokenizer), and
+    the tokenizer loaded alone, rendering and masking a chat as the worker does, needs nothing past transformers."""
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CHAT}) + "\n", encoding="utf-8")
-    script = ("import sys; from pipelines.cli import main; "
-              f"code = main(['data', 'check', {str(data)!r}, '--model', {str(smollm2_dir)!r}]); "
-              "print('loaded:', sorted(m for m in ('torch', 'trl', 'peft', 'accelerate') if m in sys.modules)); "
-              "sys.exit(code)")
+    heavy = "sorted(m for m in ('transformers', 'torch', 'trl', 'peft', 'accelerate') if m in sys.modules)"
+    script = (
+        "import sys\n"
+        "from pipelines.cli import main\n"
+        f"code = main(['data', 'check', {str(data)!r}, '--model', {str(smollm2_dir)!r}])\n"
+        f"print('check:', {heavy})\n"
+        "from pipelines.template_stats import LocalTemplate\n"
+        "from stages.core.modeling import ModelConfig\n"
+        "from stages.core.tokenizer_loading import load_tokenizer\n"
+        f"tokenizer, _ = load_tokenizer({str(smollm2_dir)!r}, ModelConfig(), alone=True)\n"
+        f"lengths = LocalTemplate(tokenizer).lengths([{{'messages': {CHAT!r}, 'source': 'x:1'}}])\n"
+        f"print('alone:', {heavy}, lengths.loss)\n"
+        "sys.exit(code)\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[3])
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ok: everything is usable" in run.stdout
-    assert "loaded: []" in run.stdout, run.stdout  # torch alone costs more than reading 100k rows
+    assert "check: []" in run.stdout, run.stdout
+    assert "alone: ['transformers'] [" in run.stdout, run.stdout  # torch alone costs more than reading 100k rows
