@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 # ----------------------------------------------------------------------------------------------
-# Models and the packed DPO trainer
+# Models and the packed preference trainers (DPO, ORPO, KTO, reward model)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -21,8 +21,10 @@ from stages.core.preference.losses import PairLogps, orpo_loss
 
 
 def choose_batching(model, args, attention: str) -> Batching:
-    """The batching an ORPO run on ``model`` gets (TRL ``args`` change nothing about it)."""
+    """The batching an ORPO run with TRL ``args`` on ``model`` gets."""
     reasons = router_reason(model)
+    if getattr(args, "generate_during_eval", False):
+        reasons.append("generate_during_eval samples from the prompts of TRL's padded batches")
     if getattr(model.config, "is_encoder_decoder", False):
         reasons.append("an encoder-decoder model scores replies in its decoder, not after the prompt")
     if reason := supports_packed_logps(model):

@@ -65,6 +65,8 @@ def test_orpo_shares_prompts_and_the_reward_model_needs_a_score_head(model):
     from stages.core.preference import orpo_step, reward_step
 
     assert orpo_step.choose_batching(model, args(), "sdpa").shares_prompt
+    sampling = orpo_step.choose_batching(model, args(generate_during_eval=True), "sdpa")
+    assert not sampling.packed and "generate_during_eval" in sampling.reason
     batching = reward_step.choose_batching(model, args(), "sdpa")  # a causal LM: no score head to read
     assert not batching.packed and "no separate backbone and score head" in batching.reason
 
