@@ -344,6 +344,28 @@ def test_duplicates_are_counted_and_dropped_only_on_request(tmp_path):
     assert dropped.duplicates == 2 and [r["text"] for r in dropped.records] == ["a", "b"]
 
 
+def test_conversations_are_duplicates_exactly_when_their_content_is(tmp_path):
+    """Plain role/content chats are keyed by their strings, chats with tools or tool calls by a digest:
+    both count a repeat, and neither mistakes a near-copy for one."""
+    ask, answer = {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "weather", "arguments": {"city": "Paris"}}}]}
+    tool = {"role": "tool", "content": "sunny", "name": "weather"}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    rows = [{"messages": [ask, answer]},
+            {"messages": [ask, answer]},                                                  # a plain repeat
+            {"messages": [ask, {**answer, "content": "Sunny!"}]},                       # differs in one character
+            {"messages": [{**ask, "name": "Ann"}, answer]},                             # a speaker's name added
+            {"messages": [ask, call, tool, answer], "tools": tools},
+            {"messages": [ask, call, tool, answer], "tools": tools},                    # a repeat with tools
+            {"messages": [ask, call, {**tool, "name": "forecast"}, answer], "tools": tools},  # another tool name
+            {"messages": [ask, answer], "tools": tools}]                                # the first, plus tools
+
+    result = load(tmp_path, rows)
+
+    assert result.duplicates == 2 and len(result.records) == 8
+
+
 def test_a_plain_directory_is_refused_with_a_pointer_to_its_files(tmp_path):
     write_jsonl(tmp_path / "dir" / "train.jsonl", [{"text": "a"}])
 
