@@ -20,6 +20,11 @@ from collections.abc import Callable
 from stages.core.errors import LorelayError
 
 CHUNK = 100  # records per message to the worker: the progress bar moves once per chunk
+# Measured once by the worker before it says it is ready: the first record costs a hundred times the next
+# (the template is compiled), and it is better paid while this process still reads. A template that
+# refuses it only records an error here, which is dropped; the sample's rows get their own.
+WARM_UP = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+           "tools": None, "source": "warm-up"}
 
 
 @dataclasses.dataclass
@@ -173,6 +178,7 @@ def _serve(connection, model_path: str, config) -> None:
 
     try:
         tokenizer, _ = load_tokenizer(model_path, config, alone=True)
+        measure(tokenizer, [WARM_UP])  # compiles the template now, while the rows are still being read
         connection.send(("ready", None))
         while True:
             try:

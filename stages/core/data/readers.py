@@ -121,12 +121,26 @@ def _read_jsonl(path: Path, label: str, *, pretty_hint: bool = True) -> Rows:
         if not body:
             continue  # blank lines separate nothing; skipping them keeps the other line numbers true
         try:
-            yield where, json.loads(body)
+            yield where, _parse_line(body)
         except json.JSONDecodeError as err:
             yield where, _json_line_error(where, err, body, last_line=not text.endswith("\n"),
                                           pretty_hint=pretty_hint)
         except RecursionError:
             yield where, where.error("invalid JSON", "invalid JSON: nested too deeply")
+
+
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _parse_line(body: str) -> Any:
+    """``json.loads(body)`` for a stripped line, without its per-call checks where the line is one whole
+    JSON value (almost every line; about a quarter of the parsing time). Anything else goes to ``json.loads``
+    itself, so a bad line gets exactly its error."""
+    try:
+        value, end = _RAW_DECODE(body)
+    except json.JSONDecodeError:
+        return json.loads(body)
+    return value if end == len(body) else json.loads(body)
 
 
 def _json_line_error(where: Where, err: json.JSONDecodeError, body: str, *, last_line: bool,
