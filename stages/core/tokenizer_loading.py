@@ -43,7 +43,7 @@ def load_tokenizer(path: str, config, *, alone: bool = False) -> tuple[Any, str]
 
             tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision,
                                                       trust_remote_code=config.trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a directory whose files name no tokenizer AutoTokenizer knows
         local = Path(path).is_dir()
         raise LorelayError(f"cannot load a tokenizer from {'this directory' if local else 'the Hub'}: "
                            f"{first_line(err)}", file=path, field="model.name",

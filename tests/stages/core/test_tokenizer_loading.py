@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from stages.core.chat import assistant_mask
+from stages.core.errors import LorelayError
 from stages.core.modeling import ModelConfig
 from stages.core.tokenizer_loading import load_tokenizer, loads_as_generic
 
@@ -91,3 +92,13 @@ def test_data_check_never_imports_torch_or_the_training_stack(tmp_path, smollm2_
     assert "ok: everything is usable" in run.stdout
     assert "check: []" in run.stdout, run.stdout
     assert "alone: ['transformers'] [" in run.stdout, run.stdout  # torch alone costs more than reading 100k rows
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_model_directory_without_tokenizer_files_is_a_one_line_error_naming_it(model_copy, alone):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model_copy / name).unlink()
+    with pytest.raises(LorelayError) as caught:
+        load_tokenizer(str(model_copy), ModelConfig(name=str(model_copy)), alone=alone)
+    assert caught.value.file == str(model_copy) and caught.value.field == "model.name"
+    assert "cannot load a tokenizer from this directory" in str(caught.value)
