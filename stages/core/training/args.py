@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +23,13 @@ from stages.core.errors import ConfigError, did_you_mean
 
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
                     "warmup_stable_decay"]
+# torch.compile backends that both torch and accelerate's TorchDynamoPlugin (which transformers' Trainer uses) take.
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# What training.compile: null (auto) does per device: on only where it measured faster. On 2 CPU cores
+# compiling SmolLM2-135M costs more than it saves (docs/benchmarks.md, "training.compile"); on CUDA it is
+# not measured yet, so it stays off until bench/gpu.py shows a gain.
+COMPILE_AUTO = {"cpu": False, "cuda": False}
 
 
 @dataclasses.dataclass
@@ -52,6 +61,17 @@ class TrainingConfig:
         False, help="Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the model (TRL/transformers' "
                     "use_liger_kernel). CUDA only; needs `pip install liger-kernel`. The LM head and loss stay "
                     "lorelay's (reply tokens only) where those apply.")
+    compile: bool | None = field(
+        None, help="torch.compile the model for training (transformers' torch_compile: accelerate compiles it "
+                   "when the trainer prepares it; the first steps include compilation). null: auto, on only "
+                   "where it measured faster (off on CPU; off on CUDA until measured: docs/benchmarks.md).")
+    compile_backend: CompileBackend = field(
+        "inductor", help="torch.compile backend when training.compile is on: inductor generates fused kernels "
+                         "(C++ on CPU, Triton on CUDA); aot_eager and eager only trace (checks that the model "
+                         "compiles, no speed-up).")
+    compile_mode: CompileMode = field(
+        "default", help="torch.compile mode: reduce-overhead adds CUDA graphs (CUDA only), max-autotune "
+                        "searches kernel configurations (slower compilation).")
     trl_args: dict[str, Any] = field(
         default_factory=dict, help="Any other argument of the stage's TRL config (SFTConfig, DPOConfig, ...; "
                                    "e.g. {neftune_noise_alpha: 5}), checked against that class's fields. Keys "
@@ -77,6 +97,9 @@ class TrainingConfig:
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("liger-kernel is not installed", field="use_liger_kernel",
                               hint="pip install liger-kernel (CUDA), or set use_liger_kernel: false")
+        if self.compile is False and (self.compile_backend != "inductor" or self.compile_mode != "default"):
+            raise ConfigError("a compile backend or mode is set, but training.compile is false", field="compile",
+                              hint="set training.compile: true (or null), or remove compile_backend/compile_mode")
         if self.early_stopping_patience is not None and self.eval_steps is None:
             raise ConfigError("early stopping needs periodic evaluation", field="early_stopping_patience",
                               hint="set training.eval_steps")
@@ -149,6 +172,7 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
     if training.use_liger_kernel and not on_cuda:
         raise ConfigError("Liger's kernels are Triton kernels and need a CUDA GPU", field="training.use_liger_kernel",
                           hint="set training.use_liger_kernel: false on this machine")
+    compile_model = compile_decision(training, on_cuda)
     bf16 = base.dtype == torch.bfloat16
     fp16 = base.dtype == torch.float16
     optimizer = training.optimizer
@@ -199,11 +223,57 @@ def trainer_args(config_class, training: TrainingConfig, base, work_dir: Path, *
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
         use_liger_kernel=training.use_liger_kernel,
+        torch_compile=compile_model,
+        # transformers turns torch_compile on whenever a backend or mode is given: only pass them with it
+        torch_compile_backend=training.compile_backend if compile_model else None,
+        torch_compile_mode=training.compile_mode if compile_model and training.compile_mode != "default" else None,
     )
     check_trl_args(training.trl_args, config_class, stage_keys=stage_args)
     args.update(stage_args)
     args.update(training.trl_args)
     return config_class(**args)
+
+
+def compile_decision(training: TrainingConfig, on_cuda: bool) -> bool:
+    """Whether the trainer compiles the model: training.compile, or where it is null the measured default for
+    this device. Refuses, naming training.compile, what cannot compile here; says once what runs."""
+    device = "cuda" if on_cuda else "cpu"
+    compile_model = COMPILE_AUTO[device] if training.compile is None else training.compile
+    if not compile_model:
+        if training.compile is None:
+            say_once(f"training.compile is auto: off on {device.upper()} (on only where it measured faster; "
+                     "docs/benchmarks.md). Set training.compile: true to compile the model.")
+        return False
+    problem = compile_problem(training, on_cuda)
+    if problem is not None:
+        reason, hint = problem
+        raise ConfigError(reason, field="training.compile", hint=hint)
+    mode = "" if training.compile_mode == "default" else f", mode {training.compile_mode}"
+    say_once(f"training.compile: torch.compile with backend {training.compile_backend}{mode}; "
+             "the first steps (and each new sequence-length shape) include compilation")
+    return True
+
+
+def compile_problem(training: TrainingConfig, on_cuda: bool) -> tuple[str, str] | None:
+    """Why torch.compile cannot run with these settings on this machine (reason, hint), or None."""
+    if training.compile_mode == "reduce-overhead" and not on_cuda:
+        return ("compile_mode reduce-overhead is CUDA graphs, which need a CUDA GPU",
+                "set training.compile_mode: default on this machine")
+    if training.compile_backend != "inductor":
+        return None
+    if on_cuda and importlib.util.find_spec("triton") is None:
+        return ("the inductor backend generates Triton kernels on CUDA, and triton is not installed",
+                "pip install triton, or set training.compile_backend: aot_eager, or training.compile: false")
+    if not on_cuda and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return ("the inductor backend compiles C++ kernels on CPU, and no C++ compiler (g++, clang++ or $CXX) "
+                "is on the PATH", "install g++, or set training.compile: false")
+    return None
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    """``say`` a message once per process (every stage of a pipeline would repeat it)."""
+    say(message)
 
 
 # TRL arguments lorelay derives from its own settings (trainer_args), and where a user sets them instead.
@@ -223,6 +293,8 @@ MANAGED_TRL_ARGS = {
     "resume_from_checkpoint": "training.resume", "bf16": "model.dtype", "fp16": "model.dtype",
     "use_cpu": "the device (CUDA when available)", "activation_checkpointing": "model.activation_checkpointing",
     "gradient_checkpointing": "model.activation_checkpointing", "use_liger_kernel": "training.use_liger_kernel",
+    "torch_compile": "training.compile", "torch_compile_backend": "training.compile_backend",
+    "torch_compile_mode": "training.compile_mode",
     # lorelay's checkpoints and data depend on these:
     "save_only_model": "nothing: resume needs the optimizer state", "remove_unused_columns": "nothing: lorelay's "
     "datasets hold exactly the columns the trainer needs",

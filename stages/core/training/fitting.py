@@ -67,6 +67,13 @@ def fit(trainer, output: StageOutput, training: TrainingConfig):
     _set_decay_steps(trainer, training)
     say_if_not_sharded()
     compat.keep_trainables_in_compute_dtype(trainer.model)
+    if trainer.args.torch_compile:
+        # Compiled code is cached per function with guards on the module it ran on; an earlier stage of this
+        # process (another adapter on the same base) would fill torch's recompile limit, after which it
+        # silently runs uncompiled. Each stage starts from empty caches.
+        import torch
+
+        torch.compiler.reset()
     resume_from = None
     if training.resume:
         resume_from = last_checkpoint(output.work_dir)
