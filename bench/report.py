@@ -32,10 +32,10 @@ TARGETS = [
 # rate -> the token count it divides by the step time
 SFT_RATES = {"reply_tokens_per_s": "reply", "real_tokens_per_s": "real", "loss_tokens_per_s": "loss",
              "processed_tokens_per_s": "processed"}
-SFT_COMPARISONS = [("c", "a"), ("c", "b"), ("c", "t"), ("d", "b")]
+SFT_COMPARISONS = [("c", "a"), ("c", "b"), ("c", "t"), ("d", "b"), ("e", "c")]
 DPO_COMPARISONS = [("lorelay", "trl-onebase"), ("lorelay", "trl")]
 SHORT = {"a": "(a) naive, pad 512", "b": "(b) TRL defaults", "c": "(c) lorelay", "d": "(d) lorelay + ckpt",
-         "t": "(t) TRL best", "lorelay": "lorelay (packed)", "trl-onebase": "TRL one-base (padded)",
+         "e": "(e) lorelay + compile",          "t": "(t) TRL best", "lorelay": "lorelay (packed)", "trl-onebase": "TRL one-base (padded)",
          "trl": "TRL + 2nd model (padded)"}
 
 

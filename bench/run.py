@@ -121,7 +121,8 @@ def environment() -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    parser.add_argument("--setups", default="a,b,c,t", help="SFT set-ups on the demo data, in this order each round")
+    parser.add_argument("--setups", default="a,b,c,t", help="SFT set-ups on the demo data, in this order each round (also: d, lorelay + "
+                        "activation checkpointing; e, lorelay + training.compile)")
     parser.add_argument("--long-setups", default="c,t", help="SFT set-ups on the long-reply data")
     parser.add_argument("--dpo-setups", default="lorelay,trl-onebase,trl", help="DPO set-ups on the demo pairs")
     parser.add_argument("--long-dpo-setups", default="lorelay,trl-onebase", help="DPO set-ups on the long pairs")

@@ -16,6 +16,8 @@ Trainer uses), for the same number of optimizer steps, in fp32, with the same th
      split or sample generations) set;
   d  as c, with ``model.activation_checkpointing: true`` (lorelay turns it off on CPU for speed; this
      shows what it would save in memory and cost in time);
+  e  as c, with ``training.compile: true`` (torch.compile, inductor; not in ``bench/run.py``'s default
+     set-ups: on 2 CPU cores it measured slower, docs/benchmarks.md). ``wall_s`` includes the compilation;
   t  TRL's best on CPU for c's objective (``bench/trl_best.py``): padding-free, assistant-only loss through
      a generation-marked copy of the chat template, no activation checkpointing, no truncation.
 
@@ -46,6 +48,7 @@ SETUPS = {"a": "naive: fixed-length padding, loss on every token, transformers.T
           "b": "TRL SFTTrainer defaults (fp32)",
           "c": "lorelay defaults (stages.sft.run)",
           "d": "lorelay defaults + model.activation_checkpointing=true (the memory lever)",
+          "e": "lorelay defaults + training.compile=true (torch.compile, inductor)",
           "t": "TRL SFTTrainer at its best on CPU: padding-free, assistant-only loss, no checkpointing (fp32)"}
 NAIVE_LENGTH = 512
 # Where each set-up's LM head and loss run. TRL's fused head scores only labelled positions where Triton runs
@@ -53,7 +56,8 @@ NAIVE_LENGTH = 512
 LOSS_PATHS = {"a": "full logits (transformers' loss over every position)",
               "b": "TRL fused head (every position on CPU)", "t": "TRL fused head (every position on CPU)",
               "c": "lorelay compact (LM head on reply positions only)",
-              "d": "lorelay compact (LM head on reply positions only)"}
+              "d": "lorelay compact (LM head on reply positions only)",
+              "e": "lorelay compact (LM head on reply positions only), compiled"}
 SEED = 42
 LEARNING_RATE = 2e-4  # the same for every set-up; it does not change the cost of a step
 
@@ -295,6 +299,7 @@ def run_trl_defaults(options, records: list[dict], work: Path, meter) -> dict:
 
 def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
     """(c) ``stages.sft.run`` with lorelay's defaults; only the workload is set. (d): checkpointing on.
+    (e): training.compile on.
 
     The meter joins the stage's own callbacks through ``stages.sft.callbacks``, so the stage runs
     exactly as ``lorelay sft`` runs it.
@@ -310,12 +315,13 @@ def run_lorelay(options, subset: Path, work: Path, meter) -> dict:
         model=model_config,
         data=sft_stage.SFTData(datasets=[DatasetSpec(path=str(subset))], eval_ratio=0.0, sample_prompts=0),
         training=TrainingConfig(output_dir=work / "c", max_steps=options.steps, batch_size=options.batch_size,
-                                learning_rate=LEARNING_RATE, seed=SEED))
+                                learning_rate=LEARNING_RATE, seed=SEED,
+                                compile=True if options.setup == "e" else None))
     output = run_stage_metered(sft_stage, config, base, meter)
     metrics = json.loads((output / "metrics.json").read_text())
     return {"batching": config.data.batching, "assistant_only_loss": config.data.assistant_only_loss,
             "activation_checkpointing": base.activation_checkpointing,
-            "attn_implementation": base.attn_implementation,
+            "attn_implementation": base.attn_implementation, "compile": config.training.compile is True,
             "trainable_parameters": metrics.get("trainable_parameters")}
 
 
@@ -372,7 +378,7 @@ def main(argv=None) -> int:
             details = run_lorelay(options, subset, work, meter)
     details.setdefault("attn_implementation", "sdpa (transformers default)")
     details.update(loss_path=LOSS_PATHS[options.setup], loss_type="nll",
-                   padding="padding-free" if options.setup in "cdt" else
+                   padding="padding-free" if options.setup in "cdet" else
                    ("fixed 512" if options.setup == "a" else "longest in batch"))
     result = {"setup": options.setup, "description": SETUPS[options.setup], **summarise(meter, warmup=options.warmup),
               "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline_rss, 1),
