@@ -75,6 +75,13 @@ def report_batching(method: str, padding_free: bool | None, trainer) -> str:
         if padding_free and not batching.packed:
             raise ConfigError(f"{method} batches cannot be packed here ({batching.reason})", field="data.padding_free",
                               hint="set data.padding_free: null to fall back to TRL's padded batches")
+    if batching is not None and batching.packed and trainer.args.torch_compile:
+        # The packed path calls the decoder and the LM head itself (logps.sequence_logps), not the model the
+        # trainer compiled: compilation would silently not apply.
+        raise ConfigError(f"{method} on packed rows runs the decoder and LM head outside the compiled model, so "
+                          "torch.compile would not apply", field="training.compile",
+                          hint="set training.compile: false, or data.padding_free: false: TRL's padded batches "
+                               "run through the compiled model")
     if is_main_process():
         print(f"lorelay: {method} batches: {described}")
     return described

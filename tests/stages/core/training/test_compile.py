@@ -14,7 +14,7 @@ from stages.core.errors import ConfigError
 from stages.core.training import TrainingConfig, trainer_args
 from stages.core.training import args as training_args
 from stages.sft import SFTConfig, run
-from tests.conftest import write_jsonl
+from tests.conftest import pairs, write_jsonl
 
 CPU = types.SimpleNamespace(device="cpu", dtype=torch.float32, activation_checkpointing=False)
 
@@ -99,3 +99,21 @@ def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # frames really were compiled
     assert all(torch.isfinite(torch.tensor(compiled))) and compiled[-1] < compiled[0], compiled
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(plain), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_packed_preference_batches_refuse_compile_naming_the_way_out(tmp_path, tiny_model_dir):
+    """DPO's packed rows call the decoder and LM head themselves: compiling the model would not reach them."""
+    from stages import dpo
+    from stages.core.modeling import ModelConfig, load_base
+
+    base = load_base(ModelConfig(name=str(tiny_model_dir)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    config = load_config(dpo.DPOConfig, None, [
+        f"data.datasets=[{{path: {data}}}]", "data.eval_ratio=0", f"training.output_dir={tmp_path / 'dpo'}",
+        "training.max_steps=1", "training.batch_size=4", "sample_prompts=1", "max_new_tokens=1",
+        "training.compile=true", "training.compile_backend=aot_eager"])
+    with pytest.raises(ConfigError, match="dpo on packed rows .* outside the compiled model") as caught:
+        dpo.run(config, base)
+    assert caught.value.field == "training.compile" and "data.padding_free: false" in caught.value.hint
+    assert not (tmp_path / "dpo").exists()
