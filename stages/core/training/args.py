@@ -248,6 +248,10 @@ def compile_decision(training: TrainingConfig, on_cuda: bool) -> bool:
     if problem is not None:
         reason, hint = problem
         raise ConfigError(reason, field="training.compile", hint=hint)
+    # Compile for dynamic shapes from the first step (accelerate's dynamo_use_dynamic, unless the launch config
+    # sets it): lorelay's batches are padding-free, so every step has a new length and the static graph
+    # compiled for the first one would be recompiled at the second (a third of the compile time, tiny model).
+    os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")
     mode = "" if training.compile_mode == "default" else f", mode {training.compile_mode}"
     say_once(f"training.compile: torch.compile with backend {training.compile_backend}{mode}; "
              "the first steps (and each new sequence-length shape) include compilation")

@@ -4,6 +4,7 @@ losses as uncompiled, and is refused, naming the key, where it cannot compile.""
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import pytest
@@ -25,9 +26,12 @@ def sft_args(tmp_path, **settings):
     return trainer_args(TRLSFTConfig, TrainingConfig(**settings), CPU, tmp_path, has_eval=False)
 
 
-def test_compile_settings_reach_transformers_and_auto_is_off_on_cpu(tmp_path, capsys):
+def test_compile_settings_reach_transformers_and_auto_is_off_on_cpu(tmp_path, capsys, monkeypatch):
     training_args.say_once.cache_clear()  # said once per process: another test may have said it already
+    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_DYNAMIC", raising=False)
     args = sft_args(tmp_path, compile=True, compile_mode="max-autotune")
+    # padding-free batches change length every step: compiled for dynamic shapes from the first
+    assert os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] == "true"
     assert (args.torch_compile, args.torch_compile_backend, args.torch_compile_mode) == (True, "inductor", "max-autotune")
     assert sft_args(tmp_path, compile=True, compile_backend="aot_eager").torch_compile_backend == "aot_eager"
     auto = sft_args(tmp_path)
@@ -68,6 +72,9 @@ def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, 
 
     from stages.core.modeling import ModelConfig, load_base
 
+    # Every batch here has one shape, so static shapes (an accelerate launch config's choice, which lorelay keeps)
+    # compile fastest; lorelay's own default, dynamic, is checked above.
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "false")
     base = load_base(ModelConfig(name=str(tiny_model_dir)))
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
 
@@ -85,7 +92,7 @@ def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, 
 
     def spy(model, **options):
         compiled = real_compile(model, **options)
-        compiled_models.append((type(model).__name__, options.get("backend"), compiled))
+        compiled_models.append((type(model).__name__, options.get("backend"), options.get("dynamic"), compiled))
         return compiled
 
     monkeypatch.setattr(torch, "compile", spy)
@@ -94,8 +101,8 @@ def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, 
     torch._dynamo.utils.counters.clear()
     compiled = train("compiled", "training.compile=true", "training.compile_backend=aot_eager")
 
-    assert [(name, backend) for name, backend, _ in compiled_models] == [("PeftModelForCausalLM", "aot_eager")]
-    assert isinstance(compiled_models[0][2], torch._dynamo.eval_frame.OptimizedModule)
+    assert [entry[:3] for entry in compiled_models] == [("PeftModelForCausalLM", "aot_eager", False)]
+    assert isinstance(compiled_models[0][3], torch._dynamo.eval_frame.OptimizedModule)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # frames really were compiled
     assert all(torch.isfinite(torch.tensor(compiled))) and compiled[-1] < compiled[0], compiled
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(plain), rtol=1e-4, atol=1e-4)
