@@ -64,7 +64,8 @@ class TrainingConfig:
     compile: bool | None = field(
         None, help="torch.compile the model for training (transformers' torch_compile: accelerate compiles it "
                    "when the trainer prepares it; the first steps include compilation). null: auto, on only "
-                   "where it measured faster (off on CPU; off on CUDA until measured: docs/benchmarks.md).")
+                   "where it measured faster (off on CPU; off on CUDA until measured: docs/benchmarks.md). "
+                   "Packed preference rows (DPO, ORPO, KTO, RM) refuse it: they call the decoder themselves.")
     compile_backend: CompileBackend = field(
         "inductor", help="torch.compile backend when training.compile is on: inductor generates fused kernels "
                          "(C++ on CPU, Triton on CUDA); aot_eager and eager only trace (checks that the model "
