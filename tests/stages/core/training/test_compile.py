@@ -96,11 +96,15 @@ def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, 
         return compiled
 
     monkeypatch.setattr(torch, "compile", spy)
+    resets = []
+    real_reset = torch.compiler.reset
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (resets.append(1), real_reset()))
     plain = train("plain")
     assert compiled_models == []
     torch._dynamo.utils.counters.clear()
     compiled = train("compiled", "training.compile=true", "training.compile_backend=aot_eager")
 
+    assert resets == [1]  # the compiled stage started from empty caches; the plain one left them alone
     assert [entry[:3] for entry in compiled_models] == [("PeftModelForCausalLM", "aot_eager", False)]
     assert isinstance(compiled_models[0][3], torch._dynamo.eval_frame.OptimizedModule)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # frames really were compiled
