@@ -113,14 +113,16 @@ class Evaluator:
             tokenizer = self.base.tokenizer  # with the adapter's added tokens, if it has any
             metrics, examples = {}, []
             if self.tasks:
-                result = task_accuracy(model, tokenizer, self.tasks, max_new_tokens=self.config.task_max_new_tokens)
+                result = task_accuracy(model, tokenizer, self.tasks, max_new_tokens=self.config.task_max_new_tokens,
+                                       batch_size=self.config.batch_size)
                 metrics["task_accuracy"] = result["accuracy"]
                 examples = result["examples"]
             if self.config.perplexity_text:
                 metrics["heldout_perplexity"] = text_perplexity(model, tokenizer, self.config.perplexity_text)
             replies = []
             if self.prompts:
-                replies = greedy_replies(model, tokenizer, self.prompts, max_new_tokens=self.config.max_new_tokens)
+                replies = greedy_replies(model, tokenizer, self.prompts, max_new_tokens=self.config.max_new_tokens,
+                                         batch_size=self.config.batch_size)
         outcomes = check_outcomes(self.checks, self.prompts, replies, self.columns) if replies else []
         metrics.update({name: rate for name, rate in check_rates(outcomes).items() if rate is not None})
         if is_main_process():

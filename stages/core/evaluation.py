@@ -171,11 +171,11 @@ def normalise_answer(text: str) -> str:
 
 
 def task_accuracy(model, tokenizer, items: Sequence[dict], *, max_new_tokens: int = 32,
-                  extract: Callable[[str], str] | None = None) -> dict[str, Any]:
+                  extract: Callable[[str], str] | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Exact-match accuracy of generated answers to ``{"prompt": str, "answer": str}`` items."""
     extract = extract or (lambda text: text)
     conversations = [[{"role": "user", "content": item["prompt"]}] for item in items]
-    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
+    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [normalise_answer(extract(r[0])) == normalise_answer(item["answer"]) for r, item in zip(replies, items)]
     return {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct),
             "examples": [{"prompt": i["prompt"], "answer": i["answer"], "generated": r[0], "correct": c}

@@ -131,3 +131,9 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, tiny_model_dir, dat
     assert "gen generate sft run the last attempt failed" in out
     assert "dpo dpo sft run --force" in out and "nothing loaded or trained" in out
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_an_evaluation_batch_size_below_one_is_refused_before_loading(tmp_path, tiny_model_dir, data, no_model_loads):
+    path = write_pipeline(tmp_path, tiny_model_dir, data, [sft_stage(data)], evaluation={"batch_size": 0})
+    with pytest.raises(ConfigError, match=r"evaluation\.batch_size.*must be at least 1"):
+        check_pipeline(path)

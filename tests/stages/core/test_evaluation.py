@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stages.core.errors import DataError
-from stages.core.evaluation import read_prompts, reward_verdicts
+from stages.core.evaluation import read_prompts, reward_verdicts, task_accuracy
 from tests.conftest import write_jsonl
 
 
@@ -28,3 +28,20 @@ def test_reward_verdicts_count_the_same_reply_as_a_tie_whatever_its_score():
                                my_replies=["a", "b", "c", "d"], their_replies=["x", "y", "c", "z"], tie_margin=0.1)
     assert verdicts == [1, -1, 0, 0]  # same text; within the margin
     assert reward_verdicts([0.3], [0.2]) == [1] and reward_verdicts([0.2], [0.2]) == [0]
+
+
+def test_task_accuracy_answers_batch_size_prompts_per_generate_call_with_the_same_answers(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    items = [{"prompt": f"Route ticket {n}: my {'parcel' * (n % 3 + 1)} is late", "answer": "delivery"}
+             for n in range(10)]
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kwargs: calls.append(len(kwargs["input_ids"])) or generate(**kwargs)
+    one_by_one = task_accuracy(model, tokenizer, items, max_new_tokens=4, batch_size=1)
+    together = task_accuracy(model, tokenizer, items, max_new_tokens=4, batch_size=8)
+    assert calls == [1] * 10 + [8, 2]
+    assert [e["generated"] for e in together["examples"]] == [e["generated"] for e in one_by_one["examples"]]
