@@ -3,6 +3,7 @@
     make bench                                   # two workloads, 3 interleaved rounds (~15 min on 2 quiet cores)
     make bench ARGS="--repeats 1 --skip-long"    # a quick look
     make bench ARGS="--dpo-weight-bound"         # also the weight-bound DPO workload (a random 1.7B model)
+    make bench ARGS="--skip-demo --out docs/benchmarks/cpu-long.json"   # the long-reply workload alone
 
 Workloads: the demo's data (short replies) and a generated general-chat set with long replies
 (``bench/workloads.py``). Each set-up runs in its own process (``bench/sft_bench.py``,
@@ -140,6 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-sft", action="store_true")
     parser.add_argument("--skip-dpo", action="store_true")
     parser.add_argument("--skip-long", action="store_true", help="skip the long-reply workload")
+    parser.add_argument("--skip-demo", action="store_true", help="skip the demo workload (e.g. to add the long one "
+                                                                 "to an earlier run's figures with another --out)")
     parser.add_argument("--dpo-weight-bound", action="store_true", help="also run the weight-bound DPO workload")
     parser.add_argument("--dpo-large-shape", default="smollm2-1.7b", help="its model shape (bench/dpo_bench.py SHAPES)")
     parser.add_argument("--dpo-large-samples", type=int, default=8, help="its preference pairs")
@@ -169,16 +172,16 @@ def main(argv=None) -> int:
             long_data = write_long_reply_workload(work / "long", max(options.samples, options.dpo_samples),
                                                   options.model)
         plan = []
-        if not options.skip_sft:
+        if not options.skip_sft and not options.skip_demo:
             plan.append(("sft", run_sft, dict(data=options.sft_data, setups=split(options.setups), label="demo")))
-            if long_data:
-                plan.append(("sft_long", run_sft, dict(data=long_data["sft"], setups=split(options.long_setups),
-                                                       label="long replies")))
-        if not options.skip_dpo:
+        if not options.skip_sft and long_data:
+            plan.append(("sft_long", run_sft, dict(data=long_data["sft"], setups=split(options.long_setups),
+                                                   label="long replies")))
+        if not options.skip_dpo and not options.skip_demo:
             plan.append(("dpo", run_dpo, dict(data=options.dpo_data, setups=split(options.dpo_setups), label="demo")))
-            if long_data:
-                plan.append(("dpo_long", run_dpo, dict(data=long_data["preferences"],
-                                                       setups=split(options.long_dpo_setups), label="long replies")))
+        if not options.skip_dpo and long_data:
+            plan.append(("dpo_long", run_dpo, dict(data=long_data["preferences"],
+                                                   setups=split(options.long_dpo_setups), label="long replies")))
         if options.dpo_weight_bound:
             model = work / f"random-{options.dpo_large_shape}"
             subprocess.run([sys.executable, str(HERE / "dpo_bench.py"), "--make-model", str(model),
