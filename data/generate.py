@@ -37,9 +37,9 @@ from pathlib import Path
 SIGN_OFF = "\n\nNimbus Support"
 TICKET_PREFIX = "Route this ticket: "
 # SFT shows the sign-off on one company answer in this many: a habit the SFT model has only sometimes, which
-# preference optimisation should make consistent. (Never shown, it is a reply online RL like GRPO cannot
-# discover: a sampled reply must sign off now and then for a reward on it to teach anything.)
-SFT_SIGNED_EVERY = 4
+# preference optimisation should make consistent. Online RL like GRPO cannot discover a reply it never samples:
+# with 4 here the SFT model signed none of 160 replies sampled at temperature 1.0; with 2, about 28% of them.
+SFT_SIGNED_EVERY = 2
 # Queue names are single tokens for the SmolLM2 tokenizer ("billing" would be "b" + "illing"): the first
 # token of the reply is then the whole decision, for SFT and for DPO alike.
 LABELS = ("payment", "delivery", "technical", "account", "returns")
