@@ -54,6 +54,24 @@ def write_jsonl(path: Path, rows) -> Path:
 NEW_TOKENS = ["<|nimbus|>", "Zorblax"]
 
 
+def copies_of(shape) -> set[int]:
+    """Data pointers of the storages of every live tensor of this shape (a second copy of a base model would
+    add one per weight). Tensors without real storage (the fake tensors torch.compile leaves in its caches)
+    are not copies and are skipped."""
+    import gc
+
+    import torch
+
+    pointers = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and tuple(obj.shape) == tuple(shape):
+            try:
+                pointers.add(obj.untyped_storage().data_ptr())
+            except RuntimeError:  # FakeTensor / FunctionalTensor: no data
+                continue
+    return pointers
+
+
 def base_state(base) -> dict:
     """Everything a stage could leave changed on a shared base, down to a digest of every weight."""
     import hashlib

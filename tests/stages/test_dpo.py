@@ -4,7 +4,6 @@ ORPO and KTO learn, losses combine, bad pairs are named by file:line, and the wi
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import math
@@ -19,7 +18,7 @@ from stages.core.errors import ConfigError, DataError
 from stages.core.modeling import (LoraSettings, ModelConfig, attach_adapter, detach_adapter, load_base,
                              parameter_storage)
 from stages.core.training import verify_output
-from tests.conftest import save_perturbed, write_jsonl
+from tests.conftest import copies_of, save_perturbed, write_jsonl
 
 QUEUES = ("billing", "shipping", "returns", "account")
 ISSUES = {"billing": "I was charged twice", "shipping": "the parcel never arrived",
@@ -66,12 +65,6 @@ def digests(model) -> dict[str, str]:
     """Bit-exact fingerprints of every weight, kept as strings so no second copy stays resident."""
     return {name: hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for name, t in model.state_dict().items()}
-
-
-def copies_of(shape) -> set[int]:
-    """Storages of every live tensor with this shape (a second base would add one per weight)."""
-    return {obj.untyped_storage().data_ptr() for obj in gc.get_objects()
-            if isinstance(obj, torch.Tensor) and tuple(obj.shape) == tuple(shape)}
 
 
 def completion_logp(model, tokenizer, prompt: str, reply: str) -> float:

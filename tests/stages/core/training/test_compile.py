@@ -63,6 +63,16 @@ CHATS = [{"messages": [{"role": "user", "content": f"Route ticket {i}: my invoic
                        {"role": "assistant", "content": "Queue: billing"}]} for i in range(8)]
 
 
+@pytest.fixture(autouse=True)
+def empty_compile_caches_after():
+    """A compiled run leaves fake tensors in torch.compile's caches; later tests count live tensors."""
+    yield
+    import gc
+
+    torch.compiler.reset()
+    gc.collect()
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_compiled_sft_trains_to_the_uncompiled_losses(tmp_path, tiny_model_dir, monkeypatch):
