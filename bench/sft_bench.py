@@ -17,7 +17,7 @@ Trainer uses), for the same number of optimizer steps, in fp32, with the same th
   d  as c, with ``model.activation_checkpointing: true`` (lorelay turns it off on CPU for speed; this
      shows what it would save in memory and cost in time);
   e  as c, with ``training.compile: true`` (torch.compile, inductor; not in ``bench/run.py``'s default
-     set-ups: on 2 CPU cores it measured slower, docs/benchmarks.md). ``wall_s`` includes the compilation;
+     set-ups: each step is faster, the compilation costs minutes, docs/benchmarks.md). ``wall_s`` includes it;
   t  TRL's best on CPU for c's objective (``bench/trl_best.py``): padding-free, assistant-only loss through
      a generation-marked copy of the chat template, no activation checkpointing, no truncation.
 
