@@ -40,6 +40,8 @@ write their own BOS, so the rendering is tokenized with ``add_special_tokens=Fal
 
 from __future__ import annotations
 
+import os
+
 import bisect
 import functools
 import logging
@@ -323,11 +325,7 @@ def _not_a_prefix(prompt: str, full: str, index: int, *, per_turn: bool) -> Lore
 
 
 def _common_prefix(a: str, b: str) -> int:
-    limit = min(len(a), len(b))
-    for position in range(limit):
-        if a[position] != b[position]:
-            return position
-    return limit
+    return len(os.path.commonprefix([a, b]))
 
 
 def _content_span(full: str, start: int, end: int, message: Message, index: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ would be alone. The loss is TRL's (``losses.reward_pair_loss``: margin and rewar
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from stages.core import compat
@@ -48,7 +49,7 @@ def pooled(ids: list[int], pad_token_id: int | None) -> list[int]:
 
 
 def common_start(first: list[int], second: list[int]) -> int:
-    return next((j for j, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    return len(os.path.commonprefix([first, second]))  # element-wise on any sequences, token lists included
 
 
 @dataclasses.dataclass
