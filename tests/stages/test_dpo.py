@@ -31,14 +31,8 @@ KTO_ROWS = [{"prompt": p["prompt"], "completion": p[side], "label": side == "cho
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls take microseconds; on a shared 2-core machine, OpenMP's second thread
-    turns each into milliseconds of waiting (measured: 15 us vs 6 ms per 64x64 linear under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for the whole module (conftest.one_thread: the tiny model is faster without OpenMP).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

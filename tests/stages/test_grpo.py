@@ -24,12 +24,8 @@ PROMPTS = [{"prompt": f"Route ticket {i}", "system": "S", "answer": "billing" if
            for i in range(40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model's matmuls are faster without OpenMP hand-offs on a shared machine
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for the whole module (conftest.one_thread: the tiny model is faster without OpenMP).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
