@@ -23,7 +23,7 @@ from stages.core.tokenizer_loading import load_tokenizer
 
 Quantization = Literal["auto", "4bit", "8bit", "none"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Attention = Literal["auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2"]
 
 
 @dataclasses.dataclass
@@ -53,7 +53,8 @@ class ModelConfig:
     revision: str | None = field(None, help="Hub revision (branch, tag or commit) when `name` is a Hub id.")
     quantization: Quantization = field("auto", help="auto: 4-bit NF4 on CUDA, none on CPU.")
     dtype: DType = field("auto", help="Weights/compute dtype. auto: bfloat16 on CUDA with bf16 support, else float32.")
-    attn_implementation: Attention = field("auto", help="auto: flash_attention_2 when installed on CUDA, else sdpa.")
+    attn_implementation: Attention = field(
+        "auto", help="auto: flash_attention_2 when installed on CUDA, else sdpa_packed (sdpa once per packed sequence).")
     activation_checkpointing: bool | Literal["auto"] = field(
         "auto", help="Recompute activations in backward to save memory. auto: on with CUDA, off on CPU (where it only costs time).")
     chat_template: Path | None = field(None, help="Jinja file that replaces the tokenizer's chat template.")
@@ -109,7 +110,7 @@ def resolve_settings(config: ModelConfig, device: str) -> tuple[str, Any, str, b
         dtype = getattr(torch, config.dtype)
     attention = config.attn_implementation
     if attention == "auto":
-        attention = "flash_attention_2" if on_cuda and _flash_attn_installed() else "sdpa"
+        attention = "flash_attention_2" if on_cuda and _flash_attn_installed() else "sdpa_packed"
     if attention == "flash_attention_2" and not on_cuda:
         raise ConfigError("flash_attention_2 needs a CUDA device", field="model.attn_implementation",
                           hint="use sdpa or auto")
@@ -140,6 +141,10 @@ def load_base(config: ModelConfig, *, device: str | None = None) -> Base:
         warnings.warn(f"trust_remote_code is on: code from '{path}' will run on this machine.", stacklevel=2)
     tokenizer, template_source = load_tokenizer(path, config)
 
+    if attention == "sdpa_packed":
+        from stages.core import attention as packed_attention
+
+        packed_attention.register()
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, revision=config.revision,
                                   trust_remote_code=config.trust_remote_code, use_safetensors=use_safetensors)
     if quantization != "none":

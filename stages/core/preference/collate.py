@@ -25,7 +25,7 @@ from typing import Any
 from stages.core import compat
 
 # Attention implementations that take an arbitrary (1, 1, T, T) mask, so a reply can skip its sibling.
-MASKED_ATTENTION = ("sdpa", "eager")
+MASKED_ATTENTION = ("sdpa_packed", "sdpa", "eager")
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ TINY_LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
 def test_auto_settings_on_cpu():
     quantization, dtype, attention, checkpointing = resolve_settings(ModelConfig(), "cpu")
-    assert (quantization, dtype, attention, checkpointing) == ("none", torch.float32, "sdpa", False)
+    assert (quantization, dtype, attention, checkpointing) == ("none", torch.float32, "sdpa_packed", False)
 
 
 def test_load_attach_detach_leaves_base_unchanged(tiny_model_dir, tmp_path):
