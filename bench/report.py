@@ -203,6 +203,8 @@ def markdown(results: dict) -> str:
            f"{env['git_commit']}; versions {env['versions']}.", ""]
     if results.get("note"):
         out += [f"**{results['note']}**", ""]
+    if results.get("complete") is False:
+        out += ["**Partial: the run stopped before its last workload; the figures below are those it finished.**", ""]
 
     def table(columns, rows):
         return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |"

@@ -119,6 +119,17 @@ def environment() -> dict:
                                          text=True, check=False).stdout.strip() or None}
 
 
+def write_results(results: dict, options, started: float, *, complete: bool) -> None:
+    """The JSON and markdown files of the run so far (``complete`` false while workloads remain)."""
+    results["complete"] = complete
+    results["targets"] = check_targets(results)
+    results["loadavg_after"] = loadavg()
+    results["wall_s"] = round(time.time() - started, 1)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(results, indent=2) + "\n")
+    options.out.with_suffix(".md").write_text(markdown(results) + "\n")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -190,14 +201,10 @@ def main(argv=None) -> int:
                 data=options.dpo_data, setups=["lorelay", "trl"], model=str(model),
                 samples=options.dpo_large_samples, extra=["--batch-size", "1", "--accumulation", "1"],
                 label=f"weight-bound, random-weight {options.dpo_large_shape} Llama, 1 pair per step")))
-        for key, runner, keywords in plan:
+        for done, (key, runner, keywords) in enumerate(plan, start=1):
             results["workload"][key], results[key] = runner(options, work / key, **keywords)
-    results["targets"] = check_targets(results)
-    results["loadavg_after"] = loadavg()
-    results["wall_s"] = round(time.time() - started, 1)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(results, indent=2) + "\n")
-    options.out.with_suffix(".md").write_text(markdown(results) + "\n")
+            # after every workload, so a run stopped part-way keeps the figures it has
+            write_results(results, options, started, complete=done == len(plan))
     print_tables(results)
     print(f"bench: {results['wall_s']:.0f}s; load average {results['loadavg_before']} -> {results['loadavg_after']}; "
           f"wrote {options.out} and {options.out.with_suffix('.md')}")

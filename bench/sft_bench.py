@@ -19,7 +19,10 @@ Trainer uses), for the same number of optimizer steps, in fp32, with the same th
   e  as c, with ``training.compile: true`` (torch.compile, inductor; not in ``bench/run.py``'s default
      set-ups: each step is faster, the compilation costs minutes, docs/benchmarks.md). ``wall_s`` includes it;
   t  TRL's best on CPU for c's objective (``bench/trl_best.py``): padding-free, assistant-only loss through
-     a generation-marked copy of the chat template, no activation checkpointing, no truncation.
+     a generation-marked copy of the chat template, no activation checkpointing, no truncation; attention
+     sdpa, over the whole packed row with transformers' block mask (TRL recommends flash-attention for
+     padding-free batches, which needs CUDA; flex-attention has no backward on CPU in torch 2.13). Set-up c
+     runs lorelay's ``sdpa_packed``: sdpa once per sample (``stages/core/attention.py``).
 
 The result is one JSON object (``--out``): per-step wall time (consecutive step ends, so the data
 loader, the optimizer and logging are inside it), per-step token counts taken from the batches the

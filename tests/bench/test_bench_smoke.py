@@ -39,6 +39,7 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
     results = json.loads(out.read_text())
 
     assert {"date", "loadavg_before", "loadavg_after", "environment", "workload", "sft", "dpo", "targets"} <= results.keys()
+    assert results["complete"] is True  # written after each workload; the last write marks the run complete
     sft = results["sft"]
     assert list(sft["setups"]) == ["a", "c", "t"]
     for name, setup in sft["setups"].items():
@@ -48,6 +49,9 @@ def test_cpu_bench_writes_every_result_key(tmp_path, tiny_model_dir):
     assert sft["same_samples"], "the set-ups must train on the same samples"
     assert sft["setups"]["c"]["padding_fraction"] == sft["setups"]["t"]["padding_fraction"] == 0.0  # padding-free
     assert sft["setups"]["a"]["padding_fraction"] > 0
+    # lorelay runs attention once per packed sample; TRL at its best runs sdpa over the whole row
+    assert sft["setups"]["c"]["details"]["attn_implementation"] == "sdpa_packed"
+    assert sft["setups"]["t"]["details"]["attn_implementation"] == "sdpa"
     assert sft["setups"]["a"]["tokens_per_step"]["processed"] == 2 * 512  # padded to exactly 512
     # lorelay and TRL at its best both take the loss on the replies only; the naive recipe on every token
     for name in ("c", "t"):
