@@ -10,7 +10,7 @@ its config, nothing downloaded; the embedded SmolLM2 tokenizer, whose ids fit it
 as lorelay loads a base (``stages.core.modeling``: bf16, or 4-bit NF4 QLoRA), with the stages' own bf16
 autocast, optimizer and data path. Synthetic chat samples of fixed lengths (``--prompt-len`` user tokens,
 ``--reply-len`` reply tokens) make the token counts exact. Combinations: {bf16 LoRA, 4-bit QLoRA} x {sdpa,
-flash_attention_2 (when flash_attn is installed)} x {Liger kernels off, on (``training.use_liger_kernel``,
+sdpa_packed (lorelay's sdpa once per packed sample), flash_attention_2 (when flash_attn is installed)} x {Liger kernels off, on (``training.use_liger_kernel``,
 when liger_kernel is installed)}, each in its own process.
 
 MFU is achieved model FLOP/s over the GPU's datasheet dense bf16 peak (``PEAK_BF16_TFLOPS``; the measured
@@ -239,7 +239,7 @@ def combinations(options) -> tuple[list[dict], list[str]]:
     """The combinations to run here, and why any were left out."""
     skipped = []
     quantizations = ["none", "4bit"]
-    attentions = ["sdpa", "flash_attention_2"]
+    attentions = ["sdpa", "sdpa_packed", "flash_attention_2"]
     ligers = [False, True]
     if options.dry_run:
         skipped.append("4bit: bitsandbytes 4-bit kernels need CUDA (dry run)")
@@ -250,7 +250,10 @@ def combinations(options) -> tuple[list[dict], list[str]]:
     if options.dry_run or not installed("flash_attn"):
         skipped.append("flash_attention_2: " + ("needs CUDA (dry run)" if options.dry_run
                                                else "flash_attn is not installed (pip install flash-attn)"))
-        attentions = ["sdpa"]
+        attentions = [a for a in attentions if a != "flash_attention_2"]
+    if options.dry_run:
+        skipped.append("sdpa: the same code path as sdpa_packed, lorelay's default (dry run)")
+        attentions = ["sdpa_packed"]
     if not installed("liger_kernel"):
         skipped.append("Liger kernels: liger_kernel is not installed (pip install liger-kernel)")
         ligers = [False]
