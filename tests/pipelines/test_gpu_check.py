@@ -1,17 +1,21 @@
 """pipelines/gpu_check.py: `make gpu-check`'s whole plan, dry-run on CPU with the tiny model, so the script cannot rot.
 
 On CPU the same checks run as on a GPU (the demo chain in 4-bit, the SFT variants, the accelerate configs,
-the merge's fidelity, the GPU benchmark's dry run); only what needs a GPU kernel, package or launcher
-says "skip", with its reason.
+the merge's fidelity, the GPU benchmark's dry run, whose results are checked here); only what needs a GPU
+kernel, package or launcher says "skip", with its reason.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines import gpu_check
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.chain]
 
@@ -39,6 +43,25 @@ def test_the_dry_run_runs_every_check_of_the_plan_and_none_fails(tmp_path, monke
     merge = json.loads((tmp_path / "work" / "merged" / "manifest.json").read_text())["merge"]
     assert (merge["merge_base"], merge["trained_quantization"]) == ("dequantized", "4bit")
     assert merge["max_logit_diff"] < gpu_check.MERGE_TOLERANCE * merge["logit_scale"]
+    assert_gpu_bench_dry_run(json.loads((tmp_path / "work" / "bench-gpu.json").read_text()))
+
+
+def assert_gpu_bench_dry_run(results: dict) -> None:
+    """``make bench-gpu``'s code paths, from its dry run inside the check above (``bench/gpu.py --dry-run``)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu import markdown
+
+    assert results["dry_run"] and results["matmul_tflops"] >= 0 and results["peak_source"] == "the measured matmul rate"
+    (lora,) = [r for r in results["runs"] if r["quantization"] == "none"]
+    assert lora["attention"] == "sdpa_packed"
+    assert set(lora["stages"]) == {"sft", "dpo"}  # both stages ran through their own run()
+    for stage in lora["stages"].values():
+        assert {"tokens_per_s", "peak_memory_gib", "mfu", "flops_per_token", "step_time_s"} <= stage.keys()
+        assert stage["flops_per_token"] > 4 * lora["n_matmul_params"]  # 4N plus attention
+    assert lora["stages"]["dpo"]["batching"] == "packed, prompt shared"
+    assert any("4bit" in reason for reason in results["skipped"])
+    table = markdown(results)
+    assert "| stage | base | attention | Liger |" in table and "6·N" not in table
 
 
 def test_without_cuda_the_real_check_says_how_to_run_it(capsys):
