@@ -9,22 +9,26 @@ on CUDA; TRL's padding-free SFT runs sdpa over the whole row everywhere else (fl
 masked blocks, has no backward on CPU).
 
 This kernel reads the independent blocks off the mask transformers built (rows attend only inside their
-block) and runs sdpa on each block alone: ``is_causal=True`` where the block's mask is plain causal (the fast
-kernel), the block's own slice of the mask otherwise (a reply sharing its prompt). The result is the same
-attention, exactly: no query attends outside its block. Anything else (no mask, one block, a batch mixing
-rows, decoding with a cache, tracing under ``torch.compile``) goes to transformers' sdpa unchanged.
+block) and runs sdpa on each block alone, ``is_causal=True`` where the block's mask is plain causal (the fast
+kernel). A block that is not (a prompt, its chosen reply, its rejected reply that sees the prompt but not the
+chosen one) runs as two calls: the plain causal rows at its start (prompt and first reply) on the fast path,
+and the other replies against only the keys they attend (the prompt and themselves), under that slice of the
+mask. The result is the same attention, exactly: every query sees the same keys with the same scores.
+Anything else (no mask, one plain causal row, padded rows, decoding with a cache, tracing under
+``torch.compile``) goes to transformers' sdpa unchanged.
 
 The block structure is computed once per mask, not once per layer: every layer gets the same mask tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any
 
 NAME = "sdpa_packed"
 
-# (weak reference to the last mask, its blocks per row): every layer of a forward gets the same mask tensor
+# (weak reference to the last mask, its calls per row): every layer of a forward gets the same mask tensor
 _last_mask: tuple[Any, Any] | None = None
 
 
@@ -38,30 +42,42 @@ def register() -> str:
     return NAME
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One sdpa call of a row's plan: ``queries`` attend ``keys`` (a span, or a tensor of key positions)."""
+
+    queries: slice
+    keys: Any
+    mask: Any  # None: plain causal (queries and keys the same span); else the (1, 1, queries, keys) bool mask
+
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[Any, None]:
     """transformers' attention-function signature: query/key/value ``(batch, heads, length, dim)``; returns
     ``((batch, length, heads, dim), None)`` as ``sdpa_attention_forward`` does."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    blocks = _blocks_of(attention_mask, query, key, kwargs)
-    if blocks is None:
+    plans = _plans_of(attention_mask, query, key, kwargs)
+    if plans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
-    for row, row_blocks in enumerate(blocks):
+    for row, calls in enumerate(plans):
         pieces = []
-        for start, end, causal in row_blocks:
-            piece = slice(start, end)
-            mask = None if causal else attention_mask[row:row + 1, :, piece, piece]
-            out, _ = sdpa_attention_forward(module, query[row:row + 1, :, piece], key[row:row + 1, :, piece],
-                                            value[row:row + 1, :, piece], mask, **kwargs)
+        for call in calls:
+            row_keys, row_values = key[row:row + 1], value[row:row + 1]
+            if isinstance(call.keys, slice):
+                keys, values = row_keys[:, :, call.keys], row_values[:, :, call.keys]
+            else:
+                keys, values = row_keys.index_select(2, call.keys), row_values.index_select(2, call.keys)
+            out, _ = sdpa_attention_forward(module, query[row:row + 1, :, call.queries], keys, values, call.mask,
+                                            **kwargs)
             pieces.append(out)
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
 
 
-def _blocks_of(mask, query, key, kwargs) -> list[list[tuple[int, int, bool]]] | None:
-    """Per batch row, its blocks ``(start, end, plain causal)``; None where the row should go to sdpa whole."""
+def _plans_of(mask, query, key, kwargs) -> list[list[Call]] | None:
+    """Per batch row, its sdpa calls; None where the whole batch should go to sdpa as it is."""
     global _last_mask
     import torch
 
@@ -72,14 +88,51 @@ def _blocks_of(mask, query, key, kwargs) -> list[list[tuple[int, int, bool]]] | 
         return None
     if _last_mask is not None and _last_mask[0]() is mask:
         return _last_mask[1]
-    blocks = [independent_blocks(mask[row, 0]) for row in range(mask.shape[0])]
-    if all(row_blocks is None or len(row_blocks) < 2 for row_blocks in blocks):
-        blocks = None
-    else:
-        length = mask.shape[-1]
-        blocks = [row_blocks or [(0, length, False)] for row_blocks in blocks]
-    _last_mask = (weakref.ref(mask), blocks)
-    return blocks
+    plans = [row_plan(mask[row, 0]) for row in range(mask.shape[0])]
+    length = mask.shape[-1]
+    whole = slice(0, length)
+    if all(len(calls) == 1 and isinstance(calls[0].keys, slice) and calls[0].keys == calls[0].queries == whole
+           for calls in plans):
+        plans = None  # nothing to split: sdpa's own call is the same
+    _last_mask = (weakref.ref(mask), plans)
+    return plans
+
+
+def row_plan(mask) -> list[Call]:
+    """The sdpa calls that compute attention under the square boolean ``mask`` (True = attend) of one row.
+
+    One call per independent block (``independent_blocks``): plain causal where the block is. A block that is
+    not (a prompt followed by replies that each see the prompt and themselves) splits once more: its leading
+    rows that are plain causal from the block's start (the prompt and the first reply) are one causal call, and
+    the remaining rows attend only the keys any of them attends (the prompt and their own reply, not the first
+    reply), under their slice of the mask.
+    """
+    length = mask.shape[-1]
+    blocks = independent_blocks(mask)
+    if blocks is None:
+        return [Call(slice(0, length), slice(0, length), mask[None, None])]
+    calls = []
+    for start, end, causal in blocks:
+        span = slice(start, end)
+        if causal:
+            calls.append(Call(span, span, None))
+            continue
+        block = mask[span, span]
+        prefix = causal_prefix(block)
+        if prefix:
+            calls.append(Call(slice(start, start + prefix), slice(start, start + prefix), None))
+        rest = block[prefix:]
+        keys = rest.any(dim=0).nonzero()[:, 0]
+        calls.append(Call(slice(start + prefix, end), keys + start, rest.index_select(1, keys)[None, None]))
+    return calls
+
+
+def causal_prefix(block) -> int:
+    """How many leading rows of a square block mask are plain causal (row i attends exactly keys 0..i)."""
+    import torch
+
+    causal = torch.ones(block.shape, dtype=torch.bool, device=block.device).tril_()
+    return int((block == causal).all(dim=-1).to(torch.int32).cumprod(0).sum())
 
 
 def independent_blocks(mask) -> list[tuple[int, int, bool]] | None:

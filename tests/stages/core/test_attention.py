@@ -122,7 +122,19 @@ def test_a_custom_block_mask_keeps_its_pattern_inside_each_block(models, sdpa_ca
     input_ids = torch.randint(0, 1000, (1, 11))
     assert_same(models, input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
     layers = models["sdpa"].config.num_hidden_layers
-    assert sdpa_calls == [(7, True), (4, False)] * layers
+    # prompt + chosen on the causal fast path; the rejected reply against the prompt and itself only
+    assert sdpa_calls == [(5, False), (2, True), (4, False)] * layers
+
+
+def test_a_shared_prompt_block_splits_into_its_causal_start_and_the_other_replies():
+    block = causal(9)
+    block[5:7, 2:5] = False  # prompt 0-1, replies 2-4, 5-6 and 7-8, each seeing only the prompt and itself
+    block[7:, 2:7] = False
+    calls = attention.row_plan(block_diagonal(block, causal(2)))
+    assert [(c.queries, c.mask is None) for c in calls] == [(slice(0, 5), True), (slice(5, 9), False),
+                                                            (slice(9, 11), True)]
+    assert calls[1].keys.tolist() == [0, 1, 5, 6, 7, 8]
+    assert torch.equal(calls[1].mask[0, 0], block[5:][:, [0, 1, 5, 6, 7, 8]])
 
 
 def test_one_sequence_and_padded_generation_go_to_sdpa_whole(models, tokenizer, sdpa_calls):
