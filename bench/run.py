@@ -1,6 +1,7 @@
 """CPU benchmark (``make bench``): lorelay's SFT and DPO against TRL at its best, side by side, as ratios.
 
-    make bench                                   # two workloads, 3 interleaved rounds (~15 min on 2 quiet cores)
+    make bench                                   # two workloads, 3 interleaved rounds (~70 min on 2 quiet cores)
+    make bench ARGS="--skip-long"                # the demo workload alone (~15 min)
     make bench ARGS="--repeats 1 --skip-long"    # a quick look
     make bench ARGS="--dpo-weight-bound"         # also the weight-bound DPO workload (a random 1.7B model)
     make bench ARGS="--skip-demo --out docs/benchmarks/cpu-long.json"   # the long-reply workload alone
