@@ -62,9 +62,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs) -
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     for row, calls in enumerate(plans):
+        row_keys, row_values = key[row:row + 1], value[row:row + 1]
         pieces = []
         for call in calls:
-            row_keys, row_values = key[row:row + 1], value[row:row + 1]
             if isinstance(call.keys, slice):
                 keys, values = row_keys[:, :, call.keys], row_values[:, :, call.keys]
             else:
@@ -155,8 +155,5 @@ def independent_blocks(mask) -> list[tuple[int, int, bool]] | None:
     positions = torch.arange(1, length, device=mask.device)
     cuts = positions[(later_first[1:] >= positions) & (earlier_last[:-1] < positions)].tolist()
     edges = [0, *cuts, length]
-    blocks = []
-    for start, end in zip(edges[:-1], edges[1:]):
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=mask.device).tril_()
-        blocks.append((start, end, bool(torch.equal(mask[start:end, start:end], causal))))
-    return blocks
+    return [(start, end, causal_prefix(mask[start:end, start:end]) == end - start)
+            for start, end in zip(edges[:-1], edges[1:])]
