@@ -10,8 +10,8 @@ its config, nothing downloaded; the embedded SmolLM2 tokenizer, whose ids fit it
 as lorelay loads a base (``stages.core.modeling``: bf16, or 4-bit NF4 QLoRA), with the stages' own bf16
 autocast, optimizer and data path. Synthetic chat samples of fixed lengths (``--prompt-len`` user tokens,
 ``--reply-len`` reply tokens) make the token counts exact. Combinations: {bf16 LoRA, 4-bit QLoRA} x {sdpa,
-sdpa_packed (lorelay's sdpa once per packed sample), flash_attention_2 (when flash_attn is installed)} x {Liger kernels off, on (``training.use_liger_kernel``,
-when liger_kernel is installed)}, each in its own process.
+sdpa_packed (lorelay's sdpa once per packed sample), flash_attention_2 (when flash_attn is installed)} x
+{Liger kernels off, on (``training.use_liger_kernel``, when liger_kernel is installed)}, each in its own process.
 
 MFU is achieved model FLOP/s over the GPU's datasheet dense bf16 peak (``PEAK_BF16_TFLOPS``; the measured
 matmul rate where the GPU is not listed, and on the dry run). FLOP per token: LoRA does about 4·N (forward

@@ -199,7 +199,8 @@ def plan(target: Target) -> list[tuple[str, Callable[[], str]]]:
     steps = 1 if target.dry_run else 3
     checks = [("chain", lambda: demo_chain(target, steps)),
               ("sft[sdpa]", lambda: sft_step(target, "sft-sdpa", ["model.attn_implementation=sdpa"])),
-              ("sft[sdpa_packed]", lambda: sft_step(target, "sft-sdpa-packed", ["model.attn_implementation=sdpa_packed"])),
+              ("sft[sdpa_packed]", lambda: sft_step(target, "sft-sdpa-packed",
+                                                    ["model.attn_implementation=sdpa_packed"])),
               ("sft[flash_attention_2]", lambda: sft_step(target, "sft-flash", ["model.attn_implementation="
                                                                                "flash_attention_2"], "flash_attn")),
               ("sft[liger]", lambda: sft_step(target, "sft-liger", ["training.use_liger_kernel=true"], "liger_kernel")),

@@ -40,11 +40,10 @@ write their own BOS, so the rendering is tokenized with ``add_special_tokens=Fal
 
 from __future__ import annotations
 
-import os
-
 import bisect
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path

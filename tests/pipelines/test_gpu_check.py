@@ -30,8 +30,8 @@ def test_the_dry_run_runs_every_check_of_the_plan_and_none_fails(tmp_path, monke
 
     planned = [name for name, _ in gpu_check.plan(gpu_check.Target(True, "unused", tmp_path))]
     assert list(results) == planned
-    assert {"chain", "sft[sdpa]", "sft[sdpa_packed]", "sft[checkpointing on]", "sft[checkpointing off]", "launch[ddp]", "merge",
-            "bench"} <= {name for name, row in results.items() if row["status"] == "pass"}
+    assert {"chain", "sft[sdpa]", "sft[sdpa_packed]", "sft[checkpointing on]", "sft[checkpointing off]",
+            "launch[ddp]", "merge", "bench"} <= {name for name, row in results.items() if row["status"] == "pass"}
     for name, row in results.items():  # a skip always says why: a missing package, or CPU
         if row["status"] == "skip":
             assert "not installed" in row["detail"] or "needs a GPU" in row["detail"], (name, row["detail"])
